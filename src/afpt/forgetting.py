@@ -1,0 +1,308 @@
+"""Active forgetting: periodic re-initialisation of the token embeddings (Chen et al. 2023).
+
+The callback works on any LightningModule whose model exposes ``get_input_embeddings()``, on the
+module itself or on its ``.model`` attribute. The pure functions below do the work and can be used
+without Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from afpt.errors import AfptError
+from afpt.schedule import DECAYS, episode_step, lr_factor
+
+INITS = ("normal", "mean_std")
+HEAD_POLICIES = ("auto", "always", "never")
+
+
+def reset_seed(seed: int, reset_index: int, name: str) -> int:
+    """A 63-bit seed that depends only on (seed, reset index, tensor name): same on every rank."""
+    digest = hashlib.sha256(f"afpt-reset:{seed}:{reset_index}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def reinitialize_(
+    weight: torch.Tensor,
+    generator: torch.Generator,
+    init: str = "normal",
+    std: float = 0.02,
+    pad_token_id: int | None = None,
+) -> None:
+    """Overwrite ``weight`` in place with fresh values; the padding row, if given, becomes zero.
+
+    ``normal`` draws N(0, std); ``mean_std`` draws from the current per-dimension mean and std.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    noise = torch.randn(weight.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    noise = noise.to(weight.device)
+    if init == "normal":
+        values = noise * std
+    else:
+        current = weight.float()
+        values = current.mean(dim=0) + current.std(dim=0) * noise
+    if pad_token_id is not None and weight.dim() == 2:
+        values[pad_token_id] = 0
+    weight.copy_(values)
+
+
+@torch.no_grad()
+def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """Zero every state entry (moments and step) of exactly ``params``, keeping tensors in place."""
+    for param in params:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif isinstance(value, (int, float)):
+                state[key] = type(value)(0)
+
+
+def find_model(pl_module: nn.Module) -> nn.Module:
+    """The module that owns the token embeddings: ``pl_module`` itself or its ``.model``."""
+    for candidate in (pl_module, getattr(pl_module, "model", None)):
+        if candidate is not None and callable(getattr(candidate, "get_input_embeddings", None)):
+            return candidate
+    raise TypeError(
+        f"{type(pl_module).__name__} exposes no get_input_embeddings(), neither itself nor on its .model attribute; "
+        "ActiveForgetting needs one of them"
+    )
+
+
+def is_tied(model: nn.Module) -> bool:
+    """True when the output head shares its weight tensor with the input embedding."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+class ActiveForgetting(Callback):
+    """Re-initialise the input token embeddings, and their optimizer state, every K optimizer steps.
+
+    Args:
+        every_n_steps: K, counted in optimizer steps (``trainer.global_step``). No reset happens
+            after the final step.
+        init: ``normal`` (N(0, std)) or ``mean_std`` (current per-dimension mean and std).
+        std: standard deviation for ``normal``; default: the model config's ``initializer_range``,
+            else 0.02.
+        head: ``auto`` resets the output head exactly when it is tied to the input embedding;
+            ``always`` also re-initialises an untied head; ``never`` leaves an untied head alone
+            (and refuses a tied one, which cannot be kept while the embedding is reset).
+        pad_token_id: row to zero after each reset; ``"auto"`` takes the model config's
+            ``pad_token_id``; ``None`` zeroes nothing.
+        seed: reset ``i`` draws from a generator seeded by (seed, i): identical on every rank
+            without communication, and identical after a resume.
+        episode_lr: drive the embedding param group's learning rate with Chen et al.'s episode
+            schedule (the full warmup + decay compressed into each K-step episode).
+        episode_warmup_fraction, episode_min_lr_ratio, episode_decay: shape of that schedule.
+        total_steps: T of the schedule and the last step; default: the trainer's
+            ``estimated_stepping_batches``.
+        check_sync: after each reset under data parallelism, compare a checksum of the reset
+            tensors and their optimizer state across ranks and raise if they differ.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        init: str = "normal",
+        std: float | None = None,
+        head: str = "auto",
+        pad_token_id: int | str | None = "auto",
+        seed: int = 0,
+        episode_lr: bool = False,
+        episode_warmup_fraction: float = 0.1,
+        episode_min_lr_ratio: float = 0.0,
+        episode_decay: str = "linear",
+        total_steps: int | None = None,
+        check_sync: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
+            raise AfptError(f"forgetting.every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if init not in INITS:
+            raise AfptError(f"forgetting.init must be one of {INITS}, got {init!r}")
+        if head not in HEAD_POLICIES:
+            raise AfptError(f"forgetting.head must be one of {HEAD_POLICIES}, got {head!r}")
+        if episode_decay not in DECAYS:
+            raise AfptError(f"forgetting.episode_decay must be one of {DECAYS}, got {episode_decay!r}")
+        if std is not None and std <= 0:
+            raise AfptError(f"forgetting.std must be positive, got {std!r}")
+        if not 0.0 <= episode_warmup_fraction < 1.0:
+            raise AfptError(f"forgetting.episode_warmup_fraction must be in [0, 1), got {episode_warmup_fraction!r}")
+        self.every_n_steps = every_n_steps
+        self.init = init
+        self.std = std
+        self.head = head
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+        self.episode_lr = episode_lr
+        self.episode_warmup_fraction = episode_warmup_fraction
+        self.episode_min_lr_ratio = episode_min_lr_ratio
+        self.episode_decay = episode_decay
+        self.total_steps = total_steps
+        self.check_sync = check_sync
+        self.history: list[dict[str, Any]] = []
+        self._last_step: int | None = None
+        self._awaiting_loss_after = False
+        self._peak_lr: float | None = None
+
+    # ----------------------------------------------------------------- resolution
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse strategies whose sharded parameters this callback cannot reset correctly."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
+            raise AfptError(
+                f"ActiveForgetting does not support {type(trainer.strategy).__name__} yet: its parameters and "
+                "optimizer state are sharded, and a reset would touch only part of them. Use a single device "
+                "or the DDP strategy (trainer=ddp)."
+            )
+        model = find_model(pl_module)
+        if self.head == "never" and is_tied(model):
+            raise AfptError(
+                "forgetting.head='never' cannot keep the output head: it is tied to the input embedding. "
+                "Use head='auto' or untie the head (model.tie_word_embeddings=false)."
+            )
+
+    def reset_parameters(self, pl_module: LightningModule) -> list[nn.Parameter]:
+        """The parameters one reset re-initialises, without duplicates (a tied head counts once)."""
+        model = find_model(pl_module)
+        params = [model.get_input_embeddings().weight]
+        if self.head == "always" and not is_tied(model):
+            head = model.get_output_embeddings()
+            params.append(head.weight)
+            if getattr(head, "bias", None) is not None:
+                params.append(head.bias)
+        return params
+
+    def _std(self, model: nn.Module) -> float:
+        if self.std is not None:
+            return self.std
+        return float(getattr(getattr(model, "config", None), "initializer_range", 0.02) or 0.02)
+
+    def _pad_token_id(self, model: nn.Module) -> int | None:
+        if self.pad_token_id == "auto":
+            return getattr(getattr(model, "config", None), "pad_token_id", None)
+        return self.pad_token_id
+
+    def _total_steps(self, trainer: Trainer) -> int:
+        return int(self.total_steps or trainer.estimated_stepping_batches)
+
+    def embedding_param_group(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        """The optimizer param group that holds the input embedding."""
+        weight = find_model(pl_module).get_input_embeddings().weight
+        for group in trainer.optimizers[0].param_groups:
+            if any(p is weight for p in group["params"]):
+                return group
+        raise RuntimeError("the input embedding is in no optimizer param group")
+
+    # ----------------------------------------------------------------- the reset
+    @torch.no_grad()
+    def reset(self, trainer: Trainer, pl_module: LightningModule, reset_index: int) -> None:
+        """Re-initialise the embeddings (and head, by policy) and zero their optimizer state."""
+        model = find_model(pl_module)
+        params = self.reset_parameters(pl_module)
+        std = self._std(model)
+        for name, param in zip(("embedding", "head_weight", "head_bias"), params):
+            if param.dim() == 1:
+                param.zero_()
+                continue
+            generator = torch.Generator(device=param.device)
+            generator.manual_seed(reset_seed(self.seed, reset_index, name))
+            pad = self._pad_token_id(model) if name == "embedding" else None
+            reinitialize_(param, generator, self.init, std, pad)
+        for optimizer in trainer.optimizers:
+            reset_optimizer_state_(optimizer, params)
+        if self.check_sync and trainer.world_size > 1:
+            self._check_ranks_agree(trainer, params)
+
+    def _check_ranks_agree(self, trainer: Trainer, params: list[torch.Tensor]) -> None:
+        state_norm = sum(
+            float(v.float().abs().sum())
+            for opt in trainer.optimizers
+            for p in params
+            for v in opt.state.get(p, {}).values()
+            if torch.is_tensor(v)
+        )
+        local = torch.tensor(
+            [float(p.double().sum()) for p in params] + [float(p.double().pow(2).sum()) for p in params] + [state_norm],
+            dtype=torch.float64,
+            device=params[0].device,
+        )
+        gathered = trainer.strategy.all_gather(local)
+        if not torch.equal(gathered.min(dim=0).values, gathered.max(dim=0).values) or state_norm != 0.0:
+            raise RuntimeError(f"ranks disagree after an embedding reset (checksums per rank: {gathered.tolist()})")
+
+    # ----------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remember where training (re)starts and the embedding group's peak learning rate."""
+        self._last_step = trainer.global_step
+        if self.episode_lr and self._peak_lr is None:
+            group = self.embedding_param_group(trainer, pl_module)
+            self._peak_lr = float(group.get("initial_lr", group["lr"]))
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        """Set the embedding group's learning rate from the episode schedule, if enabled."""
+        if not self.episode_lr:
+            return
+        total = self._total_steps(trainer)
+        step = episode_step(trainer.global_step, total, self.every_n_steps)
+        warmup = int(self.episode_warmup_fraction * total)
+        factor = lr_factor(step, total, warmup, self.episode_min_lr_ratio, self.episode_decay)
+        self.embedding_param_group(trainer, pl_module)["lr"] = self._peak_lr * factor
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Reset after every K-th optimizer step; record the losses around each reset."""
+        if self._awaiting_loss_after:
+            self._awaiting_loss_after = False
+            loss = _loss_of(outputs, trainer.accumulate_grad_batches)
+            self.history[-1]["loss_after"] = loss
+            if loss is not None:
+                pl_module.log("forgetting/loss_after_reset", loss, on_step=True, on_epoch=False)
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        if step % self.every_n_steps != 0 or step >= self._total_steps(trainer):
+            return
+        reset_index = step // self.every_n_steps
+        loss = _loss_of(outputs, trainer.accumulate_grad_batches)
+        self.reset(trainer, pl_module, reset_index)
+        self.history.append({"step": step, "reset_index": reset_index, "loss_before": loss, "loss_after": None})
+        self._awaiting_loss_after = True
+        pl_module.log("forgetting/resets", float(len(self.history)), on_step=True, on_epoch=False)
+        if loss is not None:
+            pl_module.log("forgetting/loss_before_reset", loss, on_step=True, on_epoch=False)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """History and schedule state, as plain Python values (safe for ``weights_only`` loads)."""
+        return {
+            "history": [dict(h) for h in self.history],
+            "peak_lr": self._peak_lr,
+            "awaiting_loss_after": self._awaiting_loss_after,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history so that a resumed run reports every reset once."""
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._peak_lr = state_dict.get("peak_lr")
+        self._awaiting_loss_after = bool(state_dict.get("awaiting_loss_after", False))
+
+
+def _loss_of(outputs: Any, accumulate_grad_batches: int) -> float | None:
+    """The micro-batch loss from ``training_step`` outputs, undoing Lightning's accumulation scaling."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if not torch.is_tensor(loss):
+        return None
+    return float(loss.detach()) * accumulate_grad_batches

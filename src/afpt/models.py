@@ -1,0 +1,146 @@
+"""Hugging Face decoders built from afpt's model configs, or loaded from a directory."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PretrainedConfig, PreTrainedModel
+
+from afpt.errors import AfptError
+
+
+class ModelConfigError(AfptError):
+    """A model config key or value that afpt cannot build a model from."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder; one YAML file per size under ``conf/model/``."""
+
+    name: str = "tiny"
+    """Short name used in run and report names."""
+    family: str = "llama"
+    """Architecture family: llama, mistral or gpt2."""
+    vocab_size: int = 4096
+    """Target vocabulary of a newly trained tokenizer; the embedding follows the tokenizer."""
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention (llama, mistral); default: num_heads."""
+    intermediate_size: int | None = None
+    """MLP width; default: 4 x hidden_size."""
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the output head."""
+    initializer_range: float = 0.02
+    """Std of the initial weights; also the default std of a forgetting reset."""
+    rope_theta: float = 10000.0
+    pad_vocab_to_multiple_of: int = 64
+    """Round the embedding rows up to a multiple of this (faster matmuls on GPUs)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa, eager or flash_attention_2."""
+    init_from: str | None = None
+    """Load a saved model directory instead of building a new model."""
+    trust_remote_code: bool = False
+    """Allow custom model code from init_from (off unless you turn it on)."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ModelConfigError(f"model.family={self.family!r} is unknown; expected one of {sorted(FAMILIES)}")
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ModelConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
+            )
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a config mapping, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ModelConfigError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+def _llama_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size or 4 * cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+    }
+
+
+def _gpt2_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "n_embd": cfg.hidden_size,
+        "n_inner": cfg.intermediate_size or 4 * cfg.hidden_size,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_positions": cfg.max_position_embeddings,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
+
+
+FAMILIES: dict[str, tuple[type[PretrainedConfig], Any]] = {
+    "llama": (LlamaConfig, _llama_kwargs),
+    "mistral": (MistralConfig, lambda cfg: {**_llama_kwargs(cfg), "sliding_window": None}),
+    "gpt2": (GPT2Config, _gpt2_kwargs),
+}
+
+
+def padded_vocab(n_tokens: int, multiple: int) -> int:
+    """``n_tokens`` rounded up to a multiple of ``multiple``."""
+    return -(-n_tokens // max(1, multiple)) * max(1, multiple)
+
+
+def build_model(cfg: ModelConfig, n_tokens: int, special_ids: dict[str, int | None]) -> PreTrainedModel:
+    """A freshly initialised decoder whose embedding covers ``n_tokens`` (padded)."""
+    config_cls, to_kwargs = FAMILIES[cfg.family]
+    config = config_cls(
+        vocab_size=padded_vocab(n_tokens, cfg.pad_vocab_to_multiple_of),
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
+        **special_ids,
+        **to_kwargs(cfg),
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+def load_model(
+    path: str | Path, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """Load a saved model directory (safetensors only), with a clear error if it is not one."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelConfigError(f"init_from={str(path)!r} is not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise ModelConfigError(f"init_from={str(path)!r} holds no *.safetensors weights; afpt loads only safetensors")
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+    )
+
+
+def count_parameters(model: PreTrainedModel) -> dict[str, int]:
+    """Total parameters, and those outside the input embedding (the FLOPs-relevant count)."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The config as a plain dict (for logs and metrics.json)."""
+    return asdict(cfg)

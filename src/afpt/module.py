@@ -1,0 +1,148 @@
+"""The LightningModule that trains any Hugging Face causal decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
+
+from afpt.schedule import DECAYS, lr_factor
+
+
+class CausalLMModule(pl.LightningModule):
+    """Next-token training of a Hugging Face decoder, with the embeddings in their own param group.
+
+    Param groups: ``embeddings`` (input embedding and a tied head), ``head`` (an untied head),
+    ``decay`` (other matrices) and ``no_decay`` (norms, biases). Active forgetting addresses the
+    ``embeddings`` group; ``embedding_lr`` gives it its own peak learning rate.
+
+    Args:
+        model: any ``PreTrainedModel`` with a causal LM head.
+        lr: peak learning rate. ``embedding_lr``: peak for the embeddings group (default ``lr``).
+        weight_decay: for ``decay`` and ``head``; ``embedding_weight_decay`` for the embeddings.
+        warmup_fraction, decay, min_lr_ratio: linear warmup, then cosine/linear/constant decay.
+        total_steps: length of the schedule; default: the trainer's estimated stepping batches.
+        fused: fused AdamW; ``None`` uses it on CUDA.
+        compile: ``torch.compile`` the model in place (state-dict keys unchanged).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        lr: float = 3e-4,
+        embedding_lr: float | None = None,
+        weight_decay: float = 0.1,
+        embedding_weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        warmup_fraction: float = 0.1,
+        decay: str = "cosine",
+        min_lr_ratio: float = 0.1,
+        total_steps: int | None = None,
+        fused: bool | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if decay not in DECAYS:
+            raise ValueError(f"optim.decay must be one of {DECAYS}, got {decay!r}")
+        if lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {lr!r}")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.val_loss = MeanMetric()
+        self.val_loss_per_language = nn.ModuleDict()
+        self.val_names: list[str] = []
+
+    def configure_model(self) -> None:
+        """Compile the model in place when asked (keeps checkpoint keys stable)."""
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
+
+    def setup(self, stage: str) -> None:
+        """Create one validation metric per language the datamodule provides."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.val_names = list(getattr(datamodule, "val_names", None) or ["val"])
+        for name in self.val_names:
+            if name not in self.val_loss_per_language:
+                self.val_loss_per_language[name] = MeanMetric()
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """Run the wrapped model."""
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch.get("labels", batch["input_ids"])
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
+        n_tokens = (labels[:, 1:] != -100).sum()
+        return out.loss, n_tokens
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Mean next-token loss over the batch; logs loss and perplexity."""
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/ppl", loss.detach().exp(), on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Accumulate the token-weighted loss per validation language."""
+        loss, n_tokens = self._loss(batch)
+        name = self.val_names[dataloader_idx] if dataloader_idx < len(self.val_names) else str(dataloader_idx)
+        self.val_loss_per_language[name].update(loss.detach(), weight=n_tokens)
+        self.val_loss.update(loss.detach(), weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log loss and perplexity per language and over all validation tokens."""
+        for name, metric in self.val_loss_per_language.items():
+            if metric.update_called:
+                value = metric.compute()
+                self.log(f"val/loss/{name}", value)
+                self.log(f"val/ppl/{name}", value.exp())
+            metric.reset()
+        if self.val_loss.update_called:
+            value = self.val_loss.compute()
+            self.log("val/loss", value, prog_bar=True)
+            self.log("val/ppl", value.exp())
+        self.val_loss.reset()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: embeddings, untied head, decayed matrices, and undecayed vectors."""
+        hp = self.hparams
+        embedding = self.model.get_input_embeddings().weight
+        head_module = self.model.get_output_embeddings()
+        head = head_module.weight if head_module is not None and head_module.weight is not embedding else None
+        groups: dict[str, list[nn.Parameter]] = {"embeddings": [], "head": [], "decay": [], "no_decay": []}
+        for param in self.model.parameters():
+            if not param.requires_grad:
+                continue
+            if param is embedding:
+                groups["embeddings"].append(param)
+            elif param is head:
+                groups["head"].append(param)
+            elif param.dim() >= 2:
+                groups["decay"].append(param)
+            else:
+                groups["no_decay"].append(param)
+        settings = {
+            "embeddings": {"lr": hp.embedding_lr or hp.lr, "weight_decay": hp.embedding_weight_decay},
+            "head": {"lr": hp.lr, "weight_decay": hp.weight_decay},
+            "decay": {"lr": hp.lr, "weight_decay": hp.weight_decay},
+            "no_decay": {"lr": hp.lr, "weight_decay": 0.0},
+        }
+        return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (fused on CUDA by default) with warmup and decay, stepped every optimizer step."""
+        hp = self.hparams
+        fused = hp.fused if hp.fused is not None else self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        total = int(hp.total_steps or self.trainer.estimated_stepping_batches)
+        warmup = int(hp.warmup_fraction * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, warmup, hp.min_lr_ratio, hp.decay)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

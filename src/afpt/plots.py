@@ -1,0 +1,47 @@
+"""PNG plots of training curves, written atomically."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metric_csv(paths: Sequence[Path], key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric from Lightning CSV logs; later files override earlier steps."""
+    points: dict[int, float] = {}
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row.get(key) not in (None, "") and row.get("step") not in (None, ""):
+                    points[int(float(row["step"]))] = float(row[key])
+    return sorted(points.items())
+
+
+def plot_loss_with_resets(
+    train: list[tuple[int, float]], val: list[tuple[int, float]], reset_steps: Sequence[int], path: Path, title: str
+) -> Path:
+    """Training (and validation) loss against optimizer steps, a dashed line at every reset."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", markersize=4)
+    for i, step in enumerate(reset_steps):
+        ax.axvline(step, color="tab:red", linestyle="--", linewidth=0.8, label="embedding reset" if i == 0 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,119 @@
+"""Pretraining stage: train a decoder on a multilingual corpus, with or without active forgetting."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+
+from afpt.data import PretrainDataModule, atomic_save, load_corpus, load_tokenizer, pack, tokenizer_for_run
+from afpt.models import ModelConfig, build_model, count_parameters, load_model
+from afpt.module import CausalLMModule
+from afpt.plots import plot_loss_with_resets, read_metric_csv
+from afpt.stages.common import build_forgetting, build_trainer, check_ckpt_path, scalar_metrics, to_dict, write_json
+
+
+def prepare_data(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig):
+    """Corpus, tokenizer and packed blocks for the languages of ``cfg.data``."""
+    data = cfg.data
+    corpus = load_corpus(data, data.get("languages"))
+    if model_cfg.init_from:
+        tokenizer = load_tokenizer(model_cfg.init_from, model_cfg.trust_remote_code)
+    else:
+        tokenizer = tokenizer_for_run(
+            corpus,
+            run_dir / "tokenizer",
+            model_cfg.vocab_size,
+            data.tokenizer.get("path"),
+            data.tokenizer.sample_docs,
+            model_cfg.trust_remote_code,
+        )
+    train = {lang: pack(ds, tokenizer, data.block_size, f"train[{lang}]") for lang, ds in corpus.train.items()}
+    val = {}
+    for lang, ds in corpus.validation.items():
+        if len(ds):
+            blocks = pack(ds, tokenizer, data.block_size, f"validation[{lang}]")
+            val[lang] = blocks.select(range(min(len(blocks), data.max_val_blocks)))
+    return tokenizer, train, val
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Pretrain as ``cfg`` says; write ``model/``, ``metrics.json``, logs and a loss plot to the run dir."""
+    run_dir = Path(cfg.paths.run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    model_cfg = ModelConfig.from_mapping(to_dict(cfg.model))
+    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    tokenizer, train_blocks, val_blocks = prepare_data(cfg, run_dir, model_cfg)
+
+    if model_cfg.init_from:
+        model = load_model(model_cfg.init_from, model_cfg.trust_remote_code, model_cfg.attn_implementation)
+    else:
+        special = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        model = build_model(model_cfg, len(tokenizer), special)
+    datamodule = PretrainDataModule(
+        train_blocks,
+        val_blocks,
+        batch_size=cfg.data.batch_size,
+        mixture=to_dict(cfg.data.get("mixture")),
+        eval_batch_size=cfg.data.get("eval_batch_size"),
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory,
+        seed=cfg.seed,
+    )
+    module = CausalLMModule(model, **to_dict(cfg.optim))
+    forgetting = build_forgetting(cfg.forgetting, cfg.seed)
+    trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    train_time = time.perf_counter() - start
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    metrics: dict[str, Any] = {
+        "stage": "pretrain",
+        "forgetting": cfg.forgetting.name,
+        "model": model_cfg.name,
+        "global_step": trainer.global_step,
+        "tokens_seen": trainer.global_step
+        * trainer.accumulate_grad_batches
+        * trainer.world_size
+        * cfg.data.batch_size
+        * cfg.data.block_size,
+        "train_time_s": round(train_time, 2),
+        "parameters": count_parameters(model),
+        "languages": list(train_blocks),
+        "resets": forgetting.history if forgetting else [],
+        **scalar_metrics(trainer),
+    }
+    if trainer.is_global_zero:
+        save_artifacts(run_dir, module, tokenizer, trainer, metrics, cfg)
+    return metrics
+
+
+def save_artifacts(
+    run_dir: Path, module: CausalLMModule, tokenizer, trainer: pl.Trainer, metrics: dict[str, Any], cfg: DictConfig
+) -> None:
+    """``model/`` (safetensors + tokenizer), ``metrics.json`` and ``loss.png``, each written atomically."""
+
+    def save(tmp: Path) -> None:
+        module.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_save(save, run_dir / "model")
+    write_json(metrics, run_dir / "metrics.json")
+    csv_files = sorted(Path(run_dir).glob("logs/**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if csv_files:
+        plot_loss_with_resets(
+            read_metric_csv(csv_files, "train/loss"),
+            read_metric_csv(csv_files, "val/loss"),
+            [r["step"] for r in metrics["resets"]],
+            run_dir / "loss.png",
+            f"pretraining {metrics['model']}, forgetting={metrics['forgetting']}",
+        )
