@@ -39,16 +39,16 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "trainer.accelerator=cpu",
-    "forgetting.every_n_steps=2",
+    "++forgetting.every_n_steps=2",
     "callbacks.model_checkpoint.every_n_train_steps=3",
 ]
 
 
-def compose_config(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
-    """The real afpt config, composed with tiny sizes and a run dir under ``tmp_path``."""
+def compose_config(tmp_path: Path, overrides: list[str] = (), tiny: bool = True) -> DictConfig:
+    """The real afpt config, composed (with tiny sizes unless ``tiny=False``) and a run dir under ``tmp_path``."""
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="afpt.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*TINY, *overrides])
+        cfg = compose(config_name="config", overrides=[*(TINY if tiny else []), *overrides])
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path)
     return cfg
@@ -71,9 +71,16 @@ class RandomTokens(Dataset):
 def tiny_llama(tied: bool, vocab: int = 96) -> LlamaForCausalLM:
     """A two-layer Llama with 96 tokens and a pad token (id 0)."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, tie_word_embeddings=tied,
-                         pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -101,9 +108,18 @@ def loader(vocab: int = 96, batch_size: int = 4) -> DataLoader:
 
 def fit(module: pl.LightningModule, callbacks: list, max_steps: int, **trainer_kwargs) -> pl.Trainer:
     """A real CPU Trainer run with no logging or checkpoints."""
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, **trainer_kwargs)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
     trainer.fit(module, train_dataloaders=loader())
     return trainer
 

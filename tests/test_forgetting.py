@@ -30,14 +30,16 @@ class Snapshot(Callback):
             names[p]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
             for p, s in optimizer.state.items()
         }
-        self.records.append({
-            "step": trainer.global_step,
-            "batch_idx": batch_idx,
-            "emb": model.get_input_embeddings().weight.detach().clone(),
-            "head": model.get_output_embeddings().weight.detach().clone(),
-            "state": state,
-            "emb_name": names[model.get_input_embeddings().weight],
-        })
+        self.records.append(
+            {
+                "step": trainer.global_step,
+                "batch_idx": batch_idx,
+                "emb": model.get_input_embeddings().weight.detach().clone(),
+                "head": model.get_output_embeddings().weight.detach().clone(),
+                "state": state,
+                "emb_name": names[model.get_input_embeddings().weight],
+            }
+        )
 
 
 def expected_reset(shape, seed: int, index: int, name: str, std: float, pad: int | None) -> torch.Tensor:
@@ -153,8 +155,9 @@ def test_episode_lr_schedule_shape():
             self.body.append(groups["decay"])
 
     module = CausalLMModule(tiny_llama(tied=True), lr=1e-2, warmup_fraction=0.0, decay="cosine")
-    forgetting = ActiveForgetting(every_n_steps=4, episode_lr=True, episode_warmup_fraction=0.25,
-                                  episode_decay="linear", total_steps=12)
+    forgetting = ActiveForgetting(
+        every_n_steps=4, episode_lr=True, episode_warmup_fraction=0.25, episode_decay="linear", total_steps=12
+    )
     recorder = LrRecorder()
     fit(module, [forgetting, recorder], max_steps=12)
     # T=12, K=4: episode steps 0,3,6,9 in every episode; warmup 3 steps, then linear decay to 0 over 9.

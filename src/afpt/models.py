@@ -119,15 +119,21 @@ def build_model(cfg: ModelConfig, n_tokens: int, special_ids: dict[str, int | No
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
 
 
-def load_model(
-    path: str | Path, trust_remote_code: bool = False, attn_implementation: str | None = None
-) -> PreTrainedModel:
-    """Load a saved model directory (safetensors only), with a clear error if it is not one."""
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` as a Path if it is a saved model directory with safetensors weights; else a clear error."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelConfigError(f"init_from={str(path)!r} is not a model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
         raise ModelConfigError(f"init_from={str(path)!r} holds no *.safetensors weights; afpt loads only safetensors")
+    return path
+
+
+def load_model(
+    path: str | Path, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """Load a saved model directory (safetensors only), with a clear error if it is not one."""
+    path = check_model_dir(path)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 from afpt.data import PretrainDataModule, atomic_save, load_corpus, load_tokenizer, pack, tokenizer_for_run
-from afpt.models import ModelConfig, build_model, count_parameters, load_model
+from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model
 from afpt.module import CausalLMModule
 from afpt.plots import plot_loss_with_resets, read_metric_csv
 from afpt.stages.common import build_forgetting, build_trainer, check_ckpt_path, scalar_metrics, to_dict, write_json
@@ -46,6 +46,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     model_cfg = ModelConfig.from_mapping(to_dict(cfg.model))
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    if model_cfg.init_from:
+        check_model_dir(model_cfg.init_from)
     tokenizer, train_blocks, val_blocks = prepare_data(cfg, run_dir, model_cfg)
 
     if model_cfg.init_from:
