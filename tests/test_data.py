@@ -23,8 +23,9 @@ def test_local_files_load_through_datasets(tmp_path, suffix):
         path.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     else:
         datasets.Dataset.from_dict({"body": docs}).to_parquet(str(path))
-    corpus = load_corpus({"source": "files", "files": {"fi": str(path)}, "text_field": "body",
-                          "validation_fraction": 0.1, "seed": 0})
+    corpus = load_corpus(
+        {"source": "files", "files": {"fi": str(path)}, "text_field": "body", "validation_fraction": 0.1, "seed": 0}
+    )
     assert len(corpus.train["fi"]) == 36 and len(corpus.validation["fi"]) == 4
     assert set(corpus.train["fi"]["text"]) | set(corpus.validation["fi"]["text"]) == set(docs)
 

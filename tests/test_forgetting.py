@@ -17,12 +17,12 @@ from afpt.schedule import episode_step, lr_factor
 
 
 class Snapshot(Callback):
-    """Copies of the embedding, head and optimizer state at every ``on_train_batch_end``."""
+    """Copies of the embedding, head and optimizer state at every ``on_train_batch_start``."""
 
     def __init__(self) -> None:
         self.records: list[dict] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         model = find_model(pl_module)
         names = {p: n for n, p in model.named_parameters()}
         optimizer = trainer.optimizers[0]
@@ -72,7 +72,7 @@ def test_resets_at_exactly_k_2k_and_not_after_final_step():
         else:
             assert torch.equal(b["emb"], a["emb"]), f"unexpected change at step {a['step']}"
             assert not any(torch.equal(a["emb"], e) for e in expected.values())
-    assert after[-1]["step"] == 9
+    assert after[-1]["step"] == 8, "training ends at step 9 without another reset"
     assert all(np.isfinite(h["loss_before"]) and np.isfinite(h["loss_after"]) for h in forgetting.history)
 
 
@@ -81,7 +81,7 @@ def test_untied_head_follows_policy(policy):
     module = CausalLMModule(tiny_llama(tied=False), lr=1e-2)
     forgetting = ActiveForgetting(every_n_steps=2, head=policy, seed=3)
     _, before, after = run_with_snapshots(module, forgetting, max_steps=3)
-    b, a = before[1], after[1]
+    b, a = before[2], after[2]
     assert a["step"] == 2 and not torch.equal(b["emb"], a["emb"])
     head_expected = expected_reset(a["head"].shape, 3, 1, "head_weight", 0.02, pad=None)
     if policy == "always":
@@ -95,7 +95,7 @@ def test_tied_head_is_reset_with_the_embedding_and_never_is_refused():
     module = CausalLMModule(tiny_llama(tied=True), lr=1e-2)
     forgetting = ActiveForgetting(every_n_steps=2)
     _, _, after = run_with_snapshots(module, forgetting, max_steps=3)
-    assert torch.equal(after[1]["head"], after[1]["emb"])
+    assert torch.equal(after[2]["head"], after[2]["emb"])
     with pytest.raises(AfptError, match="tied"):
         fit(CausalLMModule(tiny_llama(tied=True)), [ActiveForgetting(every_n_steps=2, head="never")], 2)
 
@@ -114,10 +114,10 @@ def test_optimizer_state_of_exactly_the_embedding_is_zeroed(fused):
                     assert torch.is_tensor(value) and torch.count_nonzero(value) == 0, (name, key)
                 else:
                     assert torch.equal(value, b["state"][name][key]), (a["step"], name, key)
-    assert torch.is_tensor(after[1]["state"][emb_name]["step"])
+    assert torch.is_tensor(after[2]["state"][emb_name]["step"])
     # after the reset, the embedding's own step counter restarts while the body's goes on
-    assert float(after[2]["state"][emb_name]["step"]) == 1.0
-    assert float(after[2]["state"]["transformer.h.0.mlp.c_fc.weight"]["step"]) == 3.0
+    assert float(after[3]["state"][emb_name]["step"]) == 1.0
+    assert float(after[3]["state"]["transformer.h.0.mlp.c_fc.weight"]["step"]) == 3.0
 
 
 def test_reset_values_do_not_depend_on_the_global_rng():
@@ -131,7 +131,7 @@ def test_reset_values_do_not_depend_on_the_global_rng():
     for extra in ([], [TouchGlobalRng()]):
         snapshot = Snapshot()
         fit(UserGPT2(), [*extra, ActiveForgetting(every_n_steps=2, seed=11), snapshot], max_steps=3)
-        resets.append(snapshot.records[1]["emb"])
+        resets.append(snapshot.records[2]["emb"])
     assert torch.equal(resets[0], resets[1])
 
 
@@ -141,7 +141,7 @@ def test_gradient_accumulation_counts_optimizer_steps():
     _, before, after = run_with_snapshots(module, forgetting, max_steps=6, accumulate_grad_batches=2)
     assert [h["step"] for h in forgetting.history] == [2, 4]
     changed = [a["batch_idx"] for b, a in zip(before, after) if not torch.equal(b["emb"], a["emb"])]
-    assert changed == [3, 7]
+    assert changed == [4, 8], "reset before the first micro-batch after optimizer steps 2 and 4"
 
 
 def test_episode_lr_schedule_shape():

@@ -24,11 +24,12 @@ def test_corpora_are_parallel_across_languages():
 
 def test_synthetic_languages_share_no_letters_with_english_or_each_other():
     world = World()
-    letters = {lang: {c for d in world.documents(lang, count=50) for c in d.lower() if c.isalpha()}
-               for lang in world.languages}
+    letters = {
+        lang: {c for d in world.documents(lang, count=50) for c in d.lower() if c.isalpha()} for lang in world.languages
+    }
     codes = list(letters)
     for i, a in enumerate(codes):
-        for b in codes[i + 1:]:
+        for b in codes[i + 1 :]:
             assert not letters[a] & letters[b], (a, b)
 
 
@@ -48,8 +49,9 @@ def test_word_order_and_case_suffix():
 
 
 def test_sizes_are_configurable_and_splits_differ():
-    world = World(WorldConfig(num_people=5, num_cities=2, num_countries=1, train_docs_per_language=7,
-                              val_docs_per_language=3))
+    world = World(
+        WorldConfig(num_people=5, num_cities=2, num_countries=1, train_docs_per_language=7, val_docs_per_language=3)
+    )
     assert len(world.entities["person"]) == 5 and len(world.facts) == 5 * 5 + 2
     assert len(world.documents("en")) == 7 and len(world.documents("en", "validation")) == 3
     assert world.documents("en", count=3) != world.documents("en", "validation")
@@ -66,10 +68,13 @@ def test_later_stages_get_questions_choices_and_pairs():
     assert src == world.sentence(world.facts[0], "en") and tgt == world.sentence(world.facts[0], "xe")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"num_people": 0}, "world.num_people must be a positive integer"),
-    ({"pretrain_languages": ("en", "qq")}, "unknown languages"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_people": 0}, "world.num_people must be a positive integer"),
+        ({"pretrain_languages": ("en", "qq")}, "unknown languages"),
+    ],
+)
 def test_bad_world_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         WorldConfig(**kwargs)

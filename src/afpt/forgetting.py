@@ -88,8 +88,8 @@ class ActiveForgetting(Callback):
     """Re-initialise the input token embeddings, and their optimizer state, every K optimizer steps.
 
     Args:
-        every_n_steps: K, counted in optimizer steps (``trainer.global_step``). No reset happens
-            after the final step.
+        every_n_steps: K, counted in optimizer steps (``trainer.global_step``). The reset happens
+            between step K's update and the next forward pass; none after the final step.
         init: ``normal`` (N(0, std)) or ``mean_std`` (current per-dimension mean and std).
         std: standard deviation for ``normal``; default: the model config's ``initializer_range``,
             else 0.02.
@@ -150,7 +150,7 @@ class ActiveForgetting(Callback):
         self.total_steps = total_steps
         self.check_sync = check_sync
         self.history: list[dict[str, Any]] = []
-        self._last_step: int | None = None
+        self._last_loss: torch.Tensor | None = None
         self._awaiting_loss_after = False
         self._peak_lr: float | None = None
 
@@ -243,8 +243,7 @@ class ActiveForgetting(Callback):
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Remember where training (re)starts and the embedding group's peak learning rate."""
-        self._last_step = trainer.global_step
+        """Remember the embedding group's peak learning rate for the episode schedule."""
         if self.episode_lr and self._peak_lr is None:
             group = self.embedding_param_group(trainer, pl_module)
             self._peak_lr = float(group.get("initial_lr", group["lr"]))
@@ -259,30 +258,35 @@ class ActiveForgetting(Callback):
         factor = lr_factor(step, total, warmup, self.episode_min_lr_ratio, self.episode_decay)
         self.embedding_param_group(trainer, pl_module)["lr"] = self._peak_lr * factor
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Reset before the first batch that follows every K-th optimizer step.
+
+        Resetting here rather than right after step K lets validation and checkpoints at step K
+        see the trained embeddings; a run resumed from such a checkpoint resets on its first batch.
+        """
+        step = trainer.global_step
+        last_reset = self.history[-1]["step"] if self.history else 0
+        if step == 0 or step % self.every_n_steps or step == last_reset or step >= self._total_steps(trainer):
+            return
+        reset_index = step // self.every_n_steps
+        self.reset(trainer, pl_module, reset_index)
+        before = float(self._last_loss) if self._last_loss is not None else None
+        self.history.append({"step": step, "reset_index": reset_index, "loss_before": before, "loss_after": None})
+        self._awaiting_loss_after = True
+        pl_module.log("forgetting/resets", float(len(self.history)), on_step=True, on_epoch=False)
+        if before is not None:
+            pl_module.log("forgetting/loss_before_reset", before, on_step=True, on_epoch=False)
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Reset after every K-th optimizer step; record the losses around each reset."""
-        if self._awaiting_loss_after:
+        """Keep the latest loss (without a host sync) and record the first loss after a reset."""
+        self._last_loss = _loss_of(outputs, trainer.accumulate_grad_batches)
+        if self._awaiting_loss_after and self._last_loss is not None:
             self._awaiting_loss_after = False
-            loss = _loss_of(outputs, trainer.accumulate_grad_batches)
-            self.history[-1]["loss_after"] = loss
-            if loss is not None:
-                pl_module.log("forgetting/loss_after_reset", loss, on_step=True, on_epoch=False)
-        step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
-        if step % self.every_n_steps != 0 or step >= self._total_steps(trainer):
-            return
-        reset_index = step // self.every_n_steps
-        loss = _loss_of(outputs, trainer.accumulate_grad_batches)
-        self.reset(trainer, pl_module, reset_index)
-        self.history.append({"step": step, "reset_index": reset_index, "loss_before": loss, "loss_after": None})
-        self._awaiting_loss_after = True
-        pl_module.log("forgetting/resets", float(len(self.history)), on_step=True, on_epoch=False)
-        if loss is not None:
-            pl_module.log("forgetting/loss_before_reset", loss, on_step=True, on_epoch=False)
+            after = float(self._last_loss)
+            self.history[-1]["loss_after"] = after
+            pl_module.log("forgetting/loss_after_reset", after, on_step=True, on_epoch=False)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -291,6 +295,7 @@ class ActiveForgetting(Callback):
             "history": [dict(h) for h in self.history],
             "peak_lr": self._peak_lr,
             "awaiting_loss_after": self._awaiting_loss_after,
+            "last_loss": None if self._last_loss is None else float(self._last_loss),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -298,11 +303,13 @@ class ActiveForgetting(Callback):
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._peak_lr = state_dict.get("peak_lr")
         self._awaiting_loss_after = bool(state_dict.get("awaiting_loss_after", False))
+        last_loss = state_dict.get("last_loss")
+        self._last_loss = None if last_loss is None else torch.tensor(last_loss)
 
 
-def _loss_of(outputs: Any, accumulate_grad_batches: int) -> float | None:
+def _loss_of(outputs: Any, accumulate_grad_batches: int) -> torch.Tensor | None:
     """The micro-batch loss from ``training_step`` outputs, undoing Lightning's accumulation scaling."""
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
     if not torch.is_tensor(loss):
         return None
-    return float(loss.detach()) * accumulate_grad_batches
+    return loss.detach() * accumulate_grad_batches
