@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from afpt.errors import AfptError
 from afpt.schedule import DECAYS, lr_factor
 
 
@@ -28,6 +29,8 @@ class CausalLMModule(pl.LightningModule):
         total_steps: length of the schedule; default: the trainer's estimated stepping batches.
         fused: fused AdamW; ``None`` uses it on CUDA.
         compile: ``torch.compile`` the model in place (state-dict keys unchanged).
+        grad_clip: max global gradient norm, applied by the module (Lightning's own
+            ``gradient_clip_val`` refuses fused optimizers); ``None`` turns clipping off.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class CausalLMModule(pl.LightningModule):
         total_steps: int | None = None,
         fused: bool | None = None,
         compile: bool = False,
+        grad_clip: float | None = 1.0,
     ) -> None:
         super().__init__()
         if decay not in DECAYS:
@@ -109,6 +113,12 @@ class CausalLMModule(pl.LightningModule):
             self.log("val/ppl", value.exp())
         self.val_loss.reset()
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the global gradient norm (gradients are already unscaled here, or never scaled)."""
+        if self.hparams.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: embeddings, untied head, decayed matrices, and undecayed vectors."""
         hp = self.hparams
@@ -138,7 +148,13 @@ class CausalLMModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (fused on CUDA by default) with warmup and decay, stepped every optimizer step."""
         hp = self.hparams
-        fused = hp.fused if hp.fused is not None else self.device.type == "cuda"
+        fp16 = str(self.trainer.precision).startswith("16")
+        fused = hp.fused if hp.fused is not None else (self.device.type == "cuda" and not fp16)
+        if fused and fp16 and hp.grad_clip:
+            raise AfptError(
+                "optim.fused=true with trainer.precision=16-mixed cannot clip unscaled gradients; "
+                "set optim.fused=false, optim.grad_clip=null, or use bf16-mixed"
+            )
         optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = int(hp.total_steps or self.trainer.estimated_stepping_batches)
         warmup = int(hp.warmup_fraction * total)
