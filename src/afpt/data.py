@@ -63,6 +63,13 @@ def world_from_config(cfg: Mapping[str, Any]) -> World:
         raise DataError(f"data.world: {err}") from err
 
 
+def world_languages(cfg: Mapping[str, Any], key: str) -> list[str]:
+    """The world's ``pretrain_languages`` or ``heldout_languages`` for a world data config."""
+    if cfg.get("source") != "world":
+        raise DataError(f"data.source={cfg.get('source')!r}: name the languages explicitly (adapt.languages=[...])")
+    return list(getattr(world_from_config(cfg["world"]).config, key))
+
+
 def load_corpus(cfg: Mapping[str, Any], languages: Sequence[str] | None = None) -> Corpus:
     """Load the corpus a ``data`` config describes, for ``languages`` (default: the config's own)."""
     source = cfg.get("source")

@@ -56,7 +56,7 @@ class CausalLMModule(pl.LightningModule):
         if lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {lr!r}")
         self.save_hyperparameters(ignore=["model"])
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
         self.val_loss = MeanMetric()
         self.val_loss_per_language = nn.ModuleDict()
         self.val_names: list[str] = []

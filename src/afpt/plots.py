@@ -45,3 +45,22 @@ def plot_loss_with_resets(
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """One line per named curve (e.g. per language), written atomically."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), "o-", label=name, markersize=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,98 @@
+"""Initialisers for the embedding rows of new tokens: pure functions, seeded by a local generator.
+
+Each takes the source matrix (rows of the old vocabulary) and returns the rows of the new tokens;
+``clp`` and ``focus`` also take the embeddings of a helper model that knows the new vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from entmax import sparsemax
+
+from afpt.errors import AfptError
+
+INITIALIZERS = ("random", "mean", "clp", "focus")
+
+
+def init_random(source: torch.Tensor, n_new: int, generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
+    """N(0, std) rows."""
+    return torch.randn(n_new, source.shape[1], generator=generator) * std
+
+
+def init_mean(source: torch.Tensor, n_new: int, generator: torch.Generator, epsilon: float = 1e-9) -> torch.Tensor:
+    """transformers' mean resizing: rows drawn from N(mean, epsilon * covariance) of the old rows.
+
+    Falls back to the mean itself when the scaled covariance is not positive definite, as transformers does.
+    """
+    old = source.float()
+    mean = old.mean(dim=0)
+    centered = old - mean
+    covariance = centered.T @ centered / old.shape[0]
+    factor, info = torch.linalg.cholesky_ex(epsilon * covariance)
+    if int(info) != 0:
+        return mean.expand(n_new, -1).clone()
+    noise = torch.randn(n_new, old.shape[1], generator=generator)
+    return mean + noise @ factor.T
+
+
+def overlap_weights(helper_new: torch.Tensor, helper_overlap: torch.Tensor, method: str) -> torch.Tensor:
+    """Weights (n_new x n_overlap) over overlapping tokens from cosine similarities in the helper space.
+
+    ``clp``: cos / sum(cos) over all overlapping tokens (CLP-Transfer); ``focus``: sparsemax(cos), a
+    sparse convex combination (FOCUS).
+    """
+    sims = (
+        torch.nn.functional.normalize(helper_new.float(), dim=1)
+        @ torch.nn.functional.normalize(helper_overlap.float(), dim=1).T
+    )
+    if method == "clp":
+        return sims / sims.sum(dim=1, keepdim=True)
+    if method == "focus":
+        return sparsemax(sims, dim=1)
+    raise AfptError(f"adapt.init={method!r} has no overlap weights; expected 'clp' or 'focus'")
+
+
+def init_from_overlap(
+    source: torch.Tensor,
+    overlap_source_ids: torch.Tensor,
+    helper_new: torch.Tensor,
+    helper_overlap: torch.Tensor,
+    method: str,
+) -> torch.Tensor:
+    """New rows as weighted sums of the source rows of overlapping tokens (CLP or FOCUS weights)."""
+    if len(overlap_source_ids) == 0:
+        raise AfptError(f"adapt.init={method}: the helper's vocabulary shares no token with the model's vocabulary")
+    weights = overlap_weights(helper_new, helper_overlap, method)
+    return weights @ source.float()[overlap_source_ids]
+
+
+def init_new_rows(
+    method: str,
+    source: torch.Tensor,
+    n_new: int,
+    generator: torch.Generator,
+    std: float = 0.02,
+    helper_new: torch.Tensor | None = None,
+    helper_overlap: torch.Tensor | None = None,
+    overlap_source_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Rows for ``n_new`` new tokens by ``method``; returns (rows, rows that fell back to N(mean, std)).
+
+    For ``clp``/``focus``: ``helper_new`` holds the helper's embedding of each new token (a NaN row
+    where the helper lacks the token), ``helper_overlap`` its embeddings of the overlapping tokens,
+    whose source rows are ``overlap_source_ids``.
+    """
+    if method not in INITIALIZERS:
+        raise AfptError(f"adapt.init={method!r} is unknown; expected one of {INITIALIZERS}")
+    if method == "random":
+        return init_random(source, n_new, generator, std), 0
+    if method == "mean":
+        return init_mean(source, n_new, generator), 0
+    if helper_new is None or not torch.isfinite(helper_new).all(dim=1).any():
+        raise AfptError(f"adapt.init={method}: the helper's tokenizer covers none of the new tokens")
+    rows = init_from_overlap(source, overlap_source_ids, helper_new, helper_overlap, method)
+    bad = ~torch.isfinite(rows).all(dim=1)
+    if bad.any():
+        old = source.float()
+        rows[bad] = old.mean(0) + old.std(0) * torch.randn(int(bad.sum()), old.shape[1], generator=generator)
+    return rows, int(bad.sum())
