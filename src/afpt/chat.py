@@ -1,0 +1,166 @@
+"""ChatML conversations: the template, loading instruction data, and assistant-only loss masks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from afpt.data import DataError, _as_file_map, check_hub_reachable
+from afpt.initializers import init_mean
+from afpt.world import World
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ROLES = ("system", "user", "assistant")
+WORLD_SYSTEM_PROMPT = "You answer questions about the world in one sentence."
+
+
+def ensure_chatml(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, seed: int = 0) -> int:
+    """Give the tokenizer ChatML special tokens and template; returns how many tokens were added.
+
+    Added tokens get embedding rows from transformers' mean-resizing rule (see ``init_mean``).
+    """
+    missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    n_tokens = len(tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if n_tokens > rows:
+        old = model.get_input_embeddings().weight.detach()[:rows].float().cpu()
+        model.resize_token_embeddings(n_tokens, mean_resizing=False)
+        with torch.no_grad():
+            new = init_mean(old, n_tokens - rows, torch.Generator().manual_seed(seed))
+            model.get_input_embeddings().weight[rows:] = new.to(model.dtype)
+            head = model.get_output_embeddings()
+            if head is not None and head.weight is not model.get_input_embeddings().weight:
+                head.weight[rows:] = init_mean(
+                    head.weight[:rows].float().cpu(), n_tokens - rows, torch.Generator().manual_seed(seed + 1)
+                ).to(model.dtype)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    model.generation_config.eos_token_id = [im_end, tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return len(missing)
+
+
+def check_conversation(messages: Any, index: int) -> list[dict[str, str]]:
+    """Validate one conversation, naming the record index and the problem."""
+    if not isinstance(messages, Sequence) or not messages:
+        raise DataError(f"record {index}: 'messages' must be a non-empty list of {{role, content}}")
+    for turn, message in enumerate(messages):
+        if (
+            not isinstance(message, Mapping)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
+            raise DataError(f"record {index}, message {turn}: expected role in {ROLES} and a string content")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"record {index}: the conversation has no assistant turn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def to_conversation(record: Mapping[str, Any], index: int, fmt: str) -> list[dict[str, str]]:
+    """One record in ``openorca`` (system_prompt, question, response) or ``messages`` format, as messages."""
+    if fmt == "messages":
+        if "messages" not in record:
+            raise DataError(f"record {index}: missing field 'messages'")
+        return check_conversation(record["messages"], index)
+    for key in ("question", "response"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise DataError(f"record {index}: missing or empty field {key!r} (OpenOrca format)")
+    system = record.get("system_prompt") or ""
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    return messages + [
+        {"role": "user", "content": record["question"]},
+        {"role": "assistant", "content": record["response"]},
+    ]
+
+
+def world_conversations(world: World, heldout_fraction: float) -> tuple[list, list]:
+    """The world's English questions as (train, held-out) conversations; held-out facts are every n-th one."""
+    every = max(2, round(1 / heldout_fraction)) if heldout_fraction > 0 else 0
+    train, heldout = [], []
+    for i, (question, answer, _) in enumerate(world.qa_pairs("en")):
+        conversation = [
+            {"role": "system", "content": WORLD_SYSTEM_PROMPT},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+        (heldout if every and i % every == 0 else train).append(conversation)
+    return train, heldout
+
+
+def load_conversations(cfg: Mapping[str, Any]) -> list[list[dict[str, str]]]:
+    """Conversations from local jsonl/parquet files or a hub dataset, through ``datasets``."""
+    fmt = cfg["format"]
+    if fmt not in ("openorca", "messages"):
+        raise DataError(f"instruct.format={fmt!r} is unknown; expected 'openorca' or 'messages'")
+    if cfg.get("files"):
+        paths = [p for ps in _as_file_map(cfg["files"], "instruct.files").values() for p in ps]
+        for path in paths:
+            if not Path(path).is_file():
+                raise DataError(f"instruct.files: file {path!r} does not exist")
+            if not path.endswith(".parquet") and not Path(path).read_text().strip():
+                raise DataError(f"instruct.files: file {path!r} holds no records")
+        builder = "parquet" if paths[0].endswith(".parquet") else "json"
+        ds = datasets.load_dataset(builder, data_files=paths, split="train")
+    else:
+        check_hub_reachable(cfg["hub"])
+        ds = datasets.load_dataset(cfg["hub"], split=cfg.get("split", "train"), streaming=True)
+        ds = list(ds.take(cfg["max_records"]))
+    records = list(ds)[: cfg.get("max_records") or None]
+    if not records:
+        raise DataError("the instruction dataset is empty")
+    return [to_conversation(r, i, fmt) for i, r in enumerate(records)]
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], train_on_prompt: bool = False
+) -> dict[str, list[int]]:
+    """Token ids of the rendered ChatML conversation and labels: -100 except on assistant replies.
+
+    An assistant reply's label span is its content plus its ``<|im_end|>``; its header is masked.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans, cursor = [], 0
+    for message in messages:
+        header = f"{IM_START}{message['role']}\n"
+        start = text.index(header, cursor) + len(header)
+        end = text.index(IM_END, start) + len(IM_END)
+        if message["role"] == "assistant":
+            spans.append((start, end))
+        cursor = end
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = []
+    for token_id, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        inside = any(s <= a and b <= e for s, e in spans)
+        labels.append(token_id if train_on_prompt or inside else -100)
+    return {"input_ids": encoded["input_ids"], "labels": labels}
+
+
+def pad_collate(pad_token_id: int):
+    """A collate function that right-pads ids (pad), labels (-100) and builds the attention mask."""
+
+    def collate(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[row, :n] = torch.tensor(e["input_ids"])
+            labels[row, :n] = torch.tensor(e["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate

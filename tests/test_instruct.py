@@ -1,0 +1,171 @@
+"""Instruction tuning: ChatML rendering, assistant-only labels, data formats, end-to-end, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from conftest import compose_config, tiny_llama
+from transformers import AutoTokenizer
+
+from afpt.chat import CHATML_TEMPLATE, encode_conversation, ensure_chatml, load_conversations
+from afpt.data import DataError, train_tokenizer
+from afpt.stages import generate, instruct, pretrain
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Where does Niran live?"},
+    {"role": "assistant", "content": "Niran lives in Zikopo."},
+    {"role": "user", "content": "And what does Niran eat?"},
+    {"role": "assistant", "content": "Niran eats plums."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = train_tokenizer([m["content"] for m in CONVERSATION] * 20, vocab_size=320)
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def test_chatml_template_renders_the_exact_string(tokenizer):
+    assert tokenizer.apply_chat_template(CONVERSATION[:3], tokenize=False, add_generation_prompt=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nWhere does Niran live?<|im_end|>\n"
+        "<|im_start|>assistant\nNiran lives in Zikopo.<|im_end|>\n"
+    )
+    assert tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True).endswith(
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_labels_cover_exactly_the_assistant_replies(tokenizer):
+    example = encode_conversation(tokenizer, CONVERSATION)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    spans, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    assert [tokenizer.decode(s) for s in spans] == ["Niran lives in Zikopo.<|im_end|>", "Niran eats plums.<|im_end|>"]
+    assert all(s[-1] == im_end for s in spans)
+    everything = encode_conversation(tokenizer, CONVERSATION, train_on_prompt=True)
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_chatml_tokens_are_added_when_missing():
+    tok = AutoTokenizer.from_pretrained(_plain_tokenizer_dir())
+    model = tiny_llama(tied=False, vocab=len(tok))
+    assert ensure_chatml(tok, model) == 2
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    ids = tok.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    assert tok.convert_tokens_to_ids("<|im_start|>") in ids
+
+
+def _plain_tokenizer_dir():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel()
+    backend.train_from_iterator(
+        ["plain text without chat tokens"] * 10,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    import tempfile
+
+    path = tempfile.mkdtemp()
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_openorca_and_messages_load_from_local_files(tmp_path, suffix):
+    orca = [{"system_prompt": "", "question": f"q{i}", "response": f"a{i}"} for i in range(3)]
+    chats = [{"messages": CONVERSATION} for _ in range(2)]
+    for name, records in (("orca", orca), ("chat", chats)):
+        path = tmp_path / f"{name}{suffix}"
+        if suffix == ".jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        else:
+            datasets.Dataset.from_list(records).to_parquet(str(path))
+    orca_convs = load_conversations({"format": "openorca", "files": str(tmp_path / f"orca{suffix}")})
+    assert orca_convs[1] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    chat_convs = load_conversations({"format": "messages", "files": str(tmp_path / f"chat{suffix}")})
+    assert chat_convs[0] == CONVERSATION
+
+
+@pytest.mark.parametrize(
+    ("records", "fmt", "message"),
+    [
+        ([{"question": "q"}], "openorca", "record 0: missing or empty field 'response'"),
+        (
+            [{"messages": CONVERSATION}, {"messages": CONVERSATION[:2]}],
+            "messages",
+            "record 1: the conversation has no assistant",
+        ),
+        ([{"messages": [{"role": "robot", "content": "x"}]}], "messages", "record 0, message 0"),
+    ],
+)
+def test_bad_records_name_index_and_field(tmp_path, records, fmt, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match=message):
+        load_conversations({"format": fmt, "files": str(path)})
+
+
+def test_tuning_on_world_questions_raises_the_gold_answer_likelihood(tmp_path, capsys):
+    base = tmp_path / "pretrain"
+    pretrain.run(compose_config(base, ["forgetting=none", "trainer.max_steps=20", "model.max_position_embeddings=256"]))
+    out = tmp_path / "instruct"
+    metrics = instruct.run(
+        compose_config(
+            out,
+            [
+                "stage=instruct",
+                f"init_from={base / 'model'}",
+                "instruct.epochs=2",
+                "instruct.lr=5e-3",
+                "instruct.eval_questions=10",
+                "instruct.max_length=256",
+            ],
+        )
+    )
+    assert metrics["after"]["answer_logprob_per_token"] > metrics["before"]["answer_logprob_per_token"] + 0.5
+    assert metrics["overflowed"]["train"] == 0
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert tok.chat_template == CHATML_TEMPLATE
+    reply = generate.run(
+        compose_config(
+            tmp_path / "gen",
+            ["stage=generate", f"init_from={out / 'model'}", "prompt=Where does Niran live?", "stage.max_new_tokens=8"],
+        )
+    )["reply"]
+    assert reply in capsys.readouterr().out
+
+
+def test_overlong_conversations_are_skipped_with_a_count(tmp_path):
+    base = tmp_path / "pretrain"
+    pretrain.run(compose_config(base, ["forgetting=none", "trainer.max_steps=2"]))
+    with pytest.raises(DataError, match="no training conversation left"):
+        instruct.run(
+            compose_config(tmp_path / "i", ["stage=instruct", f"init_from={base / 'model'}", "instruct.max_length=8"])
+        )
+    assert not (tmp_path / "i" / "model").exists()
+
+
+def test_empty_instruction_file_is_refused(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match="holds no records"):
+        load_conversations({"format": "messages", "files": str(path)})
