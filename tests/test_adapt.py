@@ -220,3 +220,29 @@ def test_adapt_refuses_a_model_without_tokenizer_and_an_empty_corpus(tmp_path):
             )
         )
     assert not (tmp_path / "b" / "model").exists()
+
+
+def test_adapt_resume_matches_an_uninterrupted_run(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base_dir = tmp_path / "pretrain"
+    pretrain.run(compose_config(base_dir, ["forgetting=none", "trainer.max_steps=4"]))
+    common = [
+        "stage=adapt",
+        f"init_from={base_dir / 'model'}",
+        "adapt.languages=[xd]",
+        "adapt.new_tokens=128",
+        "adapt.token_budget=1024",
+        "adapt.eval_docs=4",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+        "callbacks.model_checkpoint.save_top_k=-1",
+    ]
+    full = tmp_path / "full"
+    adapt.run(compose_config(full, common))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "tokenizer", resumed / "tokenizer")
+    adapt.run(compose_config(resumed, [*common, f"ckpt_path={full / 'checkpoints' / 'step4.ckpt'}"]))
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
