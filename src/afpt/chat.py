@@ -10,7 +10,7 @@ import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from afpt.data import DataError, _as_file_map, check_hub_reachable
+from afpt.data import DataError, as_file_map, check_hub_reachable
 from afpt.initializers import init_mean
 from afpt.world import World
 
@@ -106,7 +106,7 @@ def load_conversations(cfg: Mapping[str, Any]) -> list[list[dict[str, str]]]:
     if fmt not in ("openorca", "messages"):
         raise DataError(f"instruct.format={fmt!r} is unknown; expected 'openorca' or 'messages'")
     if cfg.get("files"):
-        paths = [p for ps in _as_file_map(cfg["files"], "instruct.files").values() for p in ps]
+        paths = [p for ps in as_file_map(cfg["files"], "instruct.files").values() for p in ps]
         for path in paths:
             if not Path(path).is_file():
                 raise DataError(f"instruct.files: file {path!r} does not exist")

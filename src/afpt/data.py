@@ -91,7 +91,7 @@ def _load_world(cfg: Mapping[str, Any], languages: Sequence[str] | None) -> Corp
     return Corpus(train, validation)
 
 
-def _as_file_map(value: Any, key: str) -> dict[str, list[str]]:
+def as_file_map(value: Any, key: str) -> dict[str, list[str]]:
     """``data.files`` as {language: [paths]}: a path, a list of paths, or a mapping per language."""
     if value is None:
         raise DataError(f"{key} is empty; give a path, a list of paths, or {{language: paths}}")
@@ -128,8 +128,8 @@ def _load_text_files(paths: list[str], key: str, text_field: str) -> datasets.Da
 
 
 def _load_files(cfg: Mapping[str, Any], languages: Sequence[str] | None) -> Corpus:
-    train_map = _as_file_map(cfg.get("files"), "data.files")
-    val_map = _as_file_map(cfg["validation_files"], "data.validation_files") if cfg.get("validation_files") else {}
+    train_map = as_file_map(cfg.get("files"), "data.files")
+    val_map = as_file_map(cfg["validation_files"], "data.validation_files") if cfg.get("validation_files") else {}
     text_field = cfg.get("text_field", "text")
     langs = list(languages or train_map)
     missing = [lang for lang in langs if lang not in train_map]
