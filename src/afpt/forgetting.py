@@ -8,6 +8,7 @@ without Lightning.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import torch
@@ -269,9 +270,21 @@ class ActiveForgetting(Callback):
         if step == 0 or step % self.every_n_steps or step == last_reset or step >= self._total_steps(trainer):
             return
         reset_index = step // self.every_n_steps
+        start = time.perf_counter()
         self.reset(trainer, pl_module, reset_index)
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        duration_ms = 1000 * (time.perf_counter() - start)
         before = float(self._last_loss) if self._last_loss is not None else None
-        self.history.append({"step": step, "reset_index": reset_index, "loss_before": before, "loss_after": None})
+        self.history.append(
+            {
+                "step": step,
+                "reset_index": reset_index,
+                "loss_before": before,
+                "loss_after": None,
+                "duration_ms": duration_ms,
+            }
+        )
         self._awaiting_loss_after = True
         pl_module.log("forgetting/resets", float(len(self.history)), on_step=True, on_epoch=False)
         if before is not None:

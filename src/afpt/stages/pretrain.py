@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from omegaconf import DictConfig
 
 from afpt.data import PretrainDataModule, atomic_save, load_corpus, load_tokenizer, pack, tokenizer_for_run
@@ -14,6 +15,7 @@ from afpt.models import ModelConfig, build_model, check_model_dir, count_paramet
 from afpt.module import CausalLMModule
 from afpt.plots import plot_loss_with_resets, read_metric_csv
 from afpt.stages.common import build_forgetting, build_trainer, check_ckpt_path, scalar_metrics, to_dict, write_json
+from afpt.throughput import TokenThroughput
 
 
 def prepare_data(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig):
@@ -92,6 +94,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "parameters": count_parameters(model),
         "languages": list(train_blocks),
         "resets": forgetting.history if forgetting else [],
+        "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         **scalar_metrics(trainer),
     }
     if trainer.is_global_zero:

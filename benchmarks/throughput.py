@@ -1,0 +1,125 @@
+"""Throughput of afpt's real pretraining path (``afpt stage=pretrain`` with forgetting on).
+
+Runs each variant through ``afpt.stages.pretrain.run`` on the embedded world (the embedding padded to
+the model config's vocabulary, so the logits cost what they cost with a real tokenizer), then prints a
+table: tokens/s, MFU (afpt's dense-bf16 peak table), step time, peak memory, reset time, and
+torch.compile graph counts. Writes the rows as JSON to ``--out`` (default: $OUT or benchmarks/).
+
+    python benchmarks/throughput.py --variants llama_124m llama_124m+compile llama_350m+compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from afpt.stages import pretrain
+
+VOCAB = {"llama_124m": 50304, "llama_350m": 50304, "gpt2_124m": 50304, "mistral_400m": 32000, "tiny": 4096}
+
+
+def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, extra: list[str]) -> dict:
+    model, *flags = variant.split("+")
+    overrides = [
+        f"model={model}",
+        f"model.pad_vocab_to_multiple_of={VOCAB.get(model, 64)}",
+        "trainer=gpu",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "++trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=50",
+        "logger=none",
+        f"data.block_size={seq}",
+        f"data.batch_size={batch}",
+        "data.world.train_docs_per_language=4000",
+        "data.world.val_docs_per_language=40",
+        "data.tokenizer.sample_docs=4000",
+        "data.num_workers=4",
+        "data.pin_memory=true",
+        f"forgetting.every_n_steps={every_k}",
+        "callbacks.model_checkpoint=null",
+        f"callbacks.throughput.window={max(10, steps // 6)}",
+        f"optim.compile={'compile' in flags}",
+        *extra,
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="afpt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg), tempfile.TemporaryDirectory() as run_dir:
+        cfg.paths.run_dir = run_dir
+        torch._dynamo.reset()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        metrics = pretrain.run(cfg)
+        wall = time.perf_counter() - start
+    counters = torch._dynamo.utils.counters
+    resets = metrics["resets"]
+    train_time = metrics["train_time_s"]
+    return {
+        "variant": variant,
+        "params_M": metrics["parameters"]["total"] / 1e6,
+        "steps": steps,
+        "tokens_per_s": metrics["throughput"].get("tokens_per_s"),
+        "mfu": metrics["throughput"].get("mfu"),
+        "step_ms": metrics["throughput"].get("step_ms"),
+        "peak_mem_GB": metrics["peak_memory_gb"],
+        "resets": len(resets),
+        "reset_ms_max": max((r["duration_ms"] for r in resets), default=0.0),
+        "reset_overhead_pct": 100 * sum(r["duration_ms"] for r in resets) / 1000 / train_time,
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "fit_s": train_time,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["llama_124m", "llama_124m+compile"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--every-k", type=int, default=100)
+    parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every variant")
+    args = parser.parse_args()
+    rows = [run_variant(v, args.steps, args.batch, args.seq, args.every_k, args.overrides) for v in args.variants]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    out = Path(args.out) / "throughput.json"
+    out.write_text(
+        json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}, indent=2)
+    )
+    cols = [
+        "variant",
+        "params_M",
+        "tokens_per_s",
+        "mfu",
+        "step_ms",
+        "peak_mem_GB",
+        "resets",
+        "reset_ms_max",
+        "reset_overhead_pct",
+        "unique_graphs",
+        "graph_breaks",
+    ]
+    print(f"device: {device}, batch {args.batch} x {args.seq}, {args.steps} steps, K={args.every_k}")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
