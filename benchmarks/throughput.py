@@ -42,7 +42,7 @@ def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, ex
         f"data.block_size={seq}",
         f"data.batch_size={batch}",
         "data.world.train_docs_per_language=4000",
-        "data.world.val_docs_per_language=40",
+        "data.world.val_docs_per_language=400",
         "data.tokenizer.sample_docs=4000",
         "data.num_workers=4",
         "data.pin_memory=true",
