@@ -214,4 +214,5 @@ def test_throughput_callback_logs_tokens_per_second_in_windows():
     assert monitor.summary()["tokens_per_s"] > 0
     model = module.model
     body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    assert flops_per_token(model, 16) == 6 * body + 12 * 1 * 32 * 16
+    head = model.get_input_embeddings().weight.numel()  # tied: counted once as a parameter, computed as a matmul
+    assert flops_per_token(model, 16) == 6 * (body + head) + 12 * 1 * 32 * 16

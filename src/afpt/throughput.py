@@ -23,9 +23,17 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (parameters outside the input embedding) + 12 x layers x hidden x seq."""
+    """Training FLOPs per token: 6 x (matmul parameters) + 12 x layers x hidden x seq.
+
+    Matmul parameters are all parameters except the input embedding (a lookup), plus a tied output
+    head, which is counted once among the parameters but still costs its own matmul.
+    """
     config = model.config
-    params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    embedding = model.get_input_embeddings().weight
+    params = sum(p.numel() for p in model.parameters()) - embedding.numel()
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is not None and head.weight is embedding:
+        params += embedding.numel()
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     return 6 * params + 12 * layers * hidden * seq_len
