@@ -35,7 +35,7 @@ def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, ex
         "trainer=gpu",
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps}",
-        "++trainer.limit_val_batches=2",
+        "trainer.limit_val_batches=2",
         "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=50",
         "logger=none",
