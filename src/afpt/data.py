@@ -48,11 +48,6 @@ class Corpus:
     train: dict[str, datasets.Dataset]
     validation: dict[str, datasets.Dataset] = field(default_factory=dict)
 
-    @property
-    def languages(self) -> list[str]:
-        """The languages that have training text."""
-        return list(self.train)
-
 
 # --------------------------------------------------------------------------- sources
 def world_from_config(cfg: Mapping[str, Any]) -> World:

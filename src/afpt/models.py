@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,3 @@ def count_parameters(model: PreTrainedModel) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight.numel()
     return {"total": total, "non_embedding": total - embedding}
-
-
-def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """The config as a plain dict (for logs and metrics.json)."""
-    return asdict(cfg)
