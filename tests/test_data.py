@@ -44,7 +44,7 @@ def test_hub_name_offline_fails_at_once(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")
     start = time.perf_counter()
     with pytest.raises(DataError, match="hub dataset 'wikimedia/wikipedia'.*offline"):
-        check_hub_reachable("wikimedia/wikipedia")
+        check_hub_reachable("hub dataset 'wikimedia/wikipedia'")
     assert time.perf_counter() - start < 5
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="HF_HUB_OFFLINE"):

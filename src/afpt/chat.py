@@ -115,7 +115,7 @@ def load_conversations(cfg: Mapping[str, Any]) -> list[list[dict[str, str]]]:
         builder = "parquet" if paths[0].endswith(".parquet") else "json"
         ds = datasets.load_dataset(builder, data_files=paths, split="train")
     else:
-        check_hub_reachable(cfg["hub"])
+        check_hub_reachable(f"instruct.hub={cfg['hub']!r}")
         ds = datasets.load_dataset(cfg["hub"], split=cfg.get("split", "train"), streaming=True)
         ds = list(ds.take(cfg["max_records"]))
     records = list(ds)[: cfg.get("max_records") or None]

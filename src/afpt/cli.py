@@ -16,9 +16,15 @@ log = logging.getLogger("afpt")
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Run the stage named by ``cfg.stage.name`` and return its metrics."""
-    from afpt.stages import adapt, generate, instruct, pretrain
+    from afpt.stages import adapt, evaluate, generate, instruct, pretrain
 
-    stages = {"pretrain": pretrain.run, "adapt": adapt.run, "instruct": instruct.run, "generate": generate.run}
+    stages = {
+        "pretrain": pretrain.run,
+        "adapt": adapt.run,
+        "instruct": instruct.run,
+        "generate": generate.run,
+        "evaluate": evaluate.run,
+    }
     name = cfg.stage.name
     if name not in stages:
         raise AfptError(f"stage={name!r} is not available; expected one of {sorted(stages)}")

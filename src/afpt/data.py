@@ -99,7 +99,8 @@ def as_file_map(value: Any, key: str) -> dict[str, list[str]]:
     return {"default": [str(p) for p in value]}
 
 
-def _load_text_files(paths: list[str], key: str, text_field: str) -> datasets.Dataset:
+def load_text_files(paths: list[str], key: str, text_field: str) -> datasets.Dataset:
+    """Non-empty text of local txt/jsonl/parquet files (one extension), as a Dataset with a ``text`` column."""
     suffixes = {Path(p).suffix.lower() for p in paths}
     for path in paths:
         if not Path(path).is_file():
@@ -132,11 +133,11 @@ def _load_files(cfg: Mapping[str, Any], languages: Sequence[str] | None) -> Corp
         raise DataError(f"data.files has no files for languages {missing}; it has {sorted(train_map)}")
     train, validation = {}, {}
     for lang in langs:
-        ds = _load_text_files(train_map[lang], f"data.files[{lang}]", text_field)
+        ds = load_text_files(train_map[lang], f"data.files[{lang}]", text_field)
         if lang in val_map:
             train[lang], validation[lang] = (
                 ds,
-                _load_text_files(val_map[lang], f"data.validation_files[{lang}]", text_field),
+                load_text_files(val_map[lang], f"data.validation_files[{lang}]", text_field),
             )
         else:
             train[lang], validation[lang] = _split_validation(
@@ -152,19 +153,20 @@ def _split_validation(ds: datasets.Dataset, fraction: float, seed: int) -> tuple
     return split["train"], split["test"]
 
 
-def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
-    """Fail at once, naming the dataset, when the Hugging Face Hub cannot be reached."""
+def check_hub_reachable(what: str, timeout: float = 3.0, hint: str | None = None) -> None:
+    """Fail at once, naming ``what`` needs the Hub, when the Hugging Face Hub cannot be reached."""
     from huggingface_hub import constants
 
-    hint = "Use local files (data=files data.files=...) or the embedded world (data=world)."
+    hint = hint or "Use local files (data=files data.files=...) or the embedded world (data=world)."
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise DataError(f"hub dataset {name!r} requested, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {hint}")
+        raise DataError(f"{what} needs the Hugging Face Hub, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {hint}")
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
     except OSError as err:
         raise DataError(
-            f"hub dataset {name!r}: cannot reach {constants.ENDPOINT} ({err}); you seem to be offline. {hint}"
+            f"{what} needs the Hugging Face Hub, but {constants.ENDPOINT} cannot be reached ({err}); you seem to be "
+            f"offline. {hint}"
         ) from err
 
 
@@ -173,7 +175,7 @@ def _load_hub(cfg: Mapping[str, Any], languages: Sequence[str] | None) -> Corpus
     langs = list(languages or cfg.get("languages") or [])
     if not langs:
         raise DataError("data.languages is empty: name the hub languages to load")
-    check_hub_reachable(hub["path"])
+    check_hub_reachable(f"hub dataset {hub['path']!r}")
     train, validation = {}, {}
     for lang in langs:
         name = hub.get("name_template", "{lang}").format(lang=lang) if hub.get("name_template") else None

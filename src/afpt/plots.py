@@ -39,12 +39,7 @@ def plot_loss_with_resets(
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str, title: str) -> Path:
@@ -58,6 +53,32 @@ def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, xlabel
     ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_comparison(panels: dict[str, dict[str, list[float | None]]], models: Sequence[str], path: Path) -> Path:
+    """Grouped bar charts, one panel per metric: a group per language or task, a bar per model."""
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(6.0, 1.2 * max(map(len, panels.values()))), 3.2 * len(panels))
+    )
+    axes = [axes] if len(panels) == 1 else list(axes)
+    width = 0.8 / len(models)
+    for ax, (title, groups) in zip(axes, panels.items()):
+        names = list(groups)
+        for i, model in enumerate(models):
+            values = [groups[name][i] if groups[name][i] is not None else float("nan") for name in names]
+            ax.bar([x + (i - (len(models) - 1) / 2) * width for x in range(len(names))], values, width, label=model)
+        ax.set_xticks(
+            range(len(names)), names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
+        )
+        ax.set_title(title)
+        if title.startswith("perplexity"):
+            ax.set_yscale("log")
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

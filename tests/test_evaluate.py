@@ -1,0 +1,263 @@
+"""Evaluation: perplexity against a hand computation, isotropy, lm-eval tasks offline, comparison, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_config
+
+from afpt.data import load_tokenizer
+from afpt.errors import AfptError
+from afpt.evaluation import random_pair_baseline, sample_occurrences, self_similarity, text_nll
+from afpt.models import load_model
+from afpt.stages import evaluate, pretrain
+
+FAST = [
+    "stage=evaluate",
+    "evaluate.isotropy.words=8",
+    "evaluate.isotropy.contexts=4",
+    "evaluate.isotropy.baseline_pairs=200",
+    "evaluate.world_tasks.mc_items=20",
+    "evaluate.world_tasks.translation_items=5",
+    "evaluate.world_tasks.translation_shots=1",
+    "evaluate.world_tasks.max_gen_toks=8",
+    "evaluate.bootstrap_iters=0",
+]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """A tiny model pretrained on the world for a few steps."""
+    run = tmp_path_factory.mktemp("base")
+    pretrain.run(compose_config(run, ["forgetting=none", "trainer.max_steps=10"]))
+    return run / "model"
+
+
+def test_perplexity_matches_a_hand_computation(base_model):
+    model, tokenizer = load_model(base_model), load_tokenizer(base_model)
+    texts = ["Lano is a city in Widamu.", "Kefo lives in Lano and likes tea.", "x"]
+    out = text_nll(model, tokenizer, texts, max_length=64, batch_size=2)
+    nll, count, chars = 0.0, 0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(model(torch.tensor([[tokenizer.eos_token_id, *ids]])).logits[0, :-1].float(), -1)
+            nll -= float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
+            count += len(ids)
+            chars += len(text)
+    assert out["tokens"] == count and out["chars"] == chars
+    assert out["ppl_token"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert out["ppl_char"] == pytest.approx(math.exp(nll / chars), rel=1e-4)
+    assert out["ppl_byte"] == pytest.approx(out["ppl_char"], rel=1e-6)  # ASCII text: one byte per character
+
+
+def test_self_similarity_of_identical_vectors_is_one_and_of_random_ones_about_zero():
+    same = {"a": torch.ones(5, 16), "b": torch.arange(16.0).repeat(4, 1)}
+    assert self_similarity(same) == pytest.approx(1.0)
+    generator = torch.Generator().manual_seed(0)
+    noise = {w: torch.randn(10, 4096, generator=generator) for w in "abcdef"}
+    assert abs(self_similarity(noise)) < 0.01
+    assert abs(random_pair_baseline(noise, 500, seed=0)) < 0.01
+
+
+def test_baseline_subtraction_on_a_hand_made_example():
+    vectors = {"a": torch.tensor([[1.0, 0.0], [0.6, 0.8]]), "b": torch.tensor([[0.0, 1.0], [0.0, 2.0]])}
+    # a: cos 0.6; b: cos 1.0 -> self-similarity 0.8. Cross pairs: cos 0 or 0.8, each half the time -> 0.4.
+    assert self_similarity(vectors) == pytest.approx(0.8)
+    baseline = random_pair_baseline(vectors, 20000, seed=1)
+    assert baseline == pytest.approx(0.4, abs=0.01)
+    assert self_similarity(vectors) - baseline == pytest.approx(0.4, abs=0.01)
+
+
+def test_sampled_occurrences_cover_the_word_in_distinct_documents(base_model):
+    tokenizer = load_tokenizer(base_model)
+    texts = ["the cat sat", "a cat ran far", "my cat", "no dog here", "the dog ran"]
+    occ = sample_occurrences(tokenizer, texts, words=10, contexts=2, max_length=32, seed=0)
+    assert set(occ) == {"cat", "the", "dog", "ran"}
+    for word, places in occ.items():
+        assert len({d for d, _ in places}) == 2
+        for doc, positions in places:
+            ids = tokenizer(texts[doc], add_special_tokens=False)["input_ids"]
+            assert tokenizer.decode([ids[p] for p in positions]).strip() == word
+
+
+def _planted(base_model: Path, out: Path, items: list[dict]) -> Path:
+    """Fine-tune the base model on each question's gold answer (loss on the answer only) until it has memorised it."""
+    model, tokenizer = load_model(base_model), load_tokenizer(base_model)
+    texts = [f"{it['question']} {it['choices'][it['label']]}" for it in items]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for row, item in enumerate(items):
+        labels[row, : len(tokenizer(item["question"])["input_ids"])] = -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(500):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.005:
+            break
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _uniform(base_model: Path, out: Path) -> Path:
+    """The base model with a zero output layer: every next token equally likely."""
+    model, tokenizer = load_model(base_model), load_tokenizer(base_model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_lm_eval_scores_a_uniform_model_at_chance_and_a_planted_one_at_100(base_model, tmp_path):
+    lm_only = [*FAST, "evaluate.perplexity=false", "evaluate.isotropy.enabled=false", "evaluate.tasks=[afpt_mc_en]"]
+    uniform = _uniform(base_model, tmp_path / "uniform")
+    out = evaluate.run(
+        compose_config(tmp_path / "u", [*lm_only, f"init_from={uniform}", "evaluate.world_tasks.mc_items=200"])
+    )
+    items = [json.loads(line) for line in (tmp_path / "u" / "tasks" / "mc_en.jsonl").read_text().splitlines()]
+    spread = 3 * math.sqrt(0.25 * 0.75 / len(items))  # three binomial standard deviations around chance
+    assert abs(out["uniform/task/afpt_mc_en/acc"] - 0.25) < spread
+
+    items = items[:20]
+    planted = _planted(base_model, tmp_path / "planted", items)
+    same_items = ["evaluate.world_tasks.mc_items=200", "evaluate.limit=20"]  # lm-eval's limit keeps the first 20
+    out = evaluate.run(compose_config(tmp_path / "p", [*lm_only, *same_items, f"init_from={planted}"]))
+    assert out["planted/task/afpt_mc_en/acc"] == 1.0
+
+
+def test_two_models_side_by_side_with_an_offline_standard_task(base_model, tmp_path):
+    other = _uniform(base_model, tmp_path / "other")
+    run = tmp_path / "cmp"
+    out = evaluate.run(
+        compose_config(
+            run,
+            [
+                *FAST,
+                f"init_from=[{base_model},{other}]",
+                "evaluate.heldout.languages=[en,xd]",
+                "evaluate.heldout.docs=8",
+                "evaluate.isotropy.contexts=2",
+                "evaluate.world_tasks.languages=[en,xd]",
+                "evaluate.tasks=[xcopa,afpt_mc,afpt_translate]",
+            ],
+        )
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["models"]) == [base_model.parent.name, "other"]
+    for model in metrics["models"].values():
+        assert set(model["perplexity"]) == {"en", "xd"} and set(model["isotropy"]) == {"en", "xd"}
+        assert {"afpt_mc_en", "afpt_mc_xd", "afpt_translate_xd"} <= set(model["tasks"])
+        assert "bleu" in model["tasks"]["afpt_translate_xd"] and "chrf" in model["tasks"]["afpt_translate_xd"]
+        assert (
+            "xcopa" in model["failed_tasks"]
+            and "task 'xcopa' was not run: its dataset needs the Hugging Face Hub" in model["failed_tasks"]["xcopa"]
+        )
+    report = (run / "results.md").read_text()
+    assert f"| language | metric | {base_model.parent.name} | other |" in report and "`xcopa`" in report
+    assert (run / "comparison.png").stat().st_size > 10_000
+    assert out["failed_tasks"] == 1
+    # A zero head predicts uniformly: its perplexity per token is the vocabulary size.
+    assert out["other/perplexity/en/ppl_token"] == pytest.approx(len(load_tokenizer(other)), rel=1e-3)
+
+
+def test_cli_compares_models(base_model, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "cli"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "afpt",
+            *TINY,
+            *FAST,
+            f"init_from=[{base_model},{base_model}]",
+            "evaluate.labels=[a,b]",
+            "evaluate.tasks=[]",
+            "evaluate.heldout.languages=[xa]",
+            "evaluate.heldout.docs=8",
+            f"hydra.run.dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| xa | ppl_char |" in (run / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["init_from=/nonexistent"], "is not a model directory"),
+        (["evaluate.tasks=[afpt_mc_en,xcopa_ett]"], "unknown task 'xcopa_ett'; close matches: ['xcopa_et'"),
+        (["evaluate.heldout.languages=[en,zz]"], "['zz'] have no held-out text"),
+        (["evaluate.labels=[a,b]"], "2 names for 1 models"),
+        (["evaluate.isotropy.pooling=max"], "evaluate.isotropy.pooling='max' is unknown"),
+        (["evaluate.tasks=[{name: afpt_mc, shots: 2}]"], "unknown keys ['shots']"),
+    ],
+)
+def test_bad_input_names_the_problem_and_writes_nothing(base_model, tmp_path, overrides, message):
+    run = tmp_path / "bad"
+    with pytest.raises(AfptError) as err:
+        evaluate.run(compose_config(run, [*FAST, f"init_from={base_model}", *overrides]))
+    assert message in str(err.value)
+    assert not (run / "metrics.json").exists() and not (run / "tasks").exists()
+
+
+def test_empty_task_file_and_empty_heldout_file_are_refused(base_model, tmp_path):
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("")
+    with pytest.raises(AfptError, match="task file .*mine.yaml' is empty"):
+        evaluate.run(
+            compose_config(tmp_path / "a", [*FAST, f"init_from={base_model}", f"evaluate.include_path={tasks}"])
+        )
+    data = tmp_path / "data.jsonl"
+    (tasks / "mine.yaml").write_text(
+        f"task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: '{{choices}}'\ndoc_to_target: 0\n"
+    )
+    data.write_text("")
+    with pytest.raises(AfptError, match="task 'mine': data file .*data.jsonl' is missing or empty"):
+        evaluate.run(
+            compose_config(
+                tmp_path / "b",
+                [*FAST, f"init_from={base_model}", f"evaluate.include_path={tasks}", "evaluate.tasks=[mine]"],
+            )
+        )
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    with pytest.raises(AfptError, match=r"evaluate.heldout.files\[xx\].*no non-empty text"):
+        evaluate.run(
+            compose_config(
+                tmp_path / "c",
+                [
+                    *FAST,
+                    f"init_from={base_model}",
+                    "evaluate.heldout.source=files",
+                    f"evaluate.heldout.files={{xx:{blank}}}",
+                ],
+            )
+        )
+
+
+def test_paper_config_names_only_tasks_lm_eval_knows(tmp_path):
+    from afpt.harness import check_tasks, parse_tasks, task_manager
+
+    cfg = compose_config(tmp_path, ["stage=evaluate", "evaluate=paper"])
+    specs = parse_tasks(cfg.evaluate.tasks, cfg.evaluate.num_fewshot)
+    assert {"xcopa", "xquad", "mlqa", "xnli", "afpt_flores", "belebele_jpn_Jpan"} <= {s.name for s in specs}
+    manager = task_manager([])
+    check_tasks(specs, manager, [])
+    flores = manager.task_index["afpt_flores_en-ja"].cfg
+    assert flores["num_fewshot"] == 4 and flores["doc_to_target"] == "{{sentence_jpn_Jpan}}"
