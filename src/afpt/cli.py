@@ -16,7 +16,7 @@ log = logging.getLogger("afpt")
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Run the stage named by ``cfg.stage.name`` and return its metrics."""
-    from afpt.stages import adapt, evaluate, generate, instruct, pretrain
+    from afpt.stages import adapt, evaluate, generate, instruct, pipeline, pretrain
 
     stages = {
         "pretrain": pretrain.run,
@@ -24,6 +24,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         "instruct": instruct.run,
         "generate": generate.run,
         "evaluate": evaluate.run,
+        "pipeline": pipeline.run,
     }
     name = cfg.stage.name
     if name not in stages:

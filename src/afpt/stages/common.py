@@ -71,3 +71,8 @@ def write_json(data: dict[str, Any], path: Path) -> Path:
 def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
     """The trainer's latest logged metrics as floats."""
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file written by ``write_json``."""
+    return json.loads(Path(path).read_text())
