@@ -369,6 +369,7 @@ class PretrainDataModule(pl.LightningDataModule):
         )
         self.train_stream = BlockStream(mixed.with_format("torch"), batch_size, seed)
         self.val_blocks = {lang: ds for lang, ds in val_blocks.items() if len(ds) > 0}
+        self.train_names = langs
         self.val_names = list(self.val_blocks)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -393,3 +394,55 @@ class PretrainDataModule(pl.LightningDataModule):
             DataLoader(ds, batch_size=self.eval_batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory)
             for ds in self.val_blocks.values()
         ]
+
+
+class CorpusDataModule(PretrainDataModule):
+    """A ``PretrainDataModule`` built from a ``data`` config mapping: corpus, tokenizer and packed blocks.
+
+    The same mapping as Hydra's ``data`` group (``source``, ``world``/``files``/``hub``, ``block_size``,
+    ``batch_size``, ...). The tokenizer comes from ``tokenizer_path`` (e.g. the model being continued),
+    else ``data.tokenizer.path``, else it is trained with ``vocab_size`` tokens and cached in
+    ``run_dir/tokenizer``. ``self.tokenizer`` holds it.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        vocab_size: int = 4096,
+        run_dir: str = "runs/lightning",
+        tokenizer_path: str | None = None,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+    ) -> None:
+        data = dict(data)
+        tok_cfg = dict(data.get("tokenizer") or {})
+        corpus = load_corpus(data, data.get("languages"))
+        if tokenizer_path:
+            tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+        else:
+            tokenizer = tokenizer_for_run(
+                corpus,
+                Path(run_dir) / "tokenizer",
+                vocab_size,
+                tok_cfg.get("path"),
+                tok_cfg.get("sample_docs", 2000),
+                trust_remote_code,
+            )
+        block = data.get("block_size", 128)
+        train = {lang: pack(ds, tokenizer, block, f"train[{lang}]") for lang, ds in corpus.train.items()}
+        val = {}
+        for lang, ds in corpus.validation.items():
+            if len(ds):
+                blocks = pack(ds, tokenizer, block, f"validation[{lang}]")
+                val[lang] = blocks.select(range(min(len(blocks), data.get("max_val_blocks", 64))))
+        super().__init__(
+            train,
+            val,
+            batch_size=data.get("batch_size", 16),
+            mixture=data.get("mixture"),
+            eval_batch_size=data.get("eval_batch_size"),
+            num_workers=data.get("num_workers", 0),
+            pin_memory=data.get("pin_memory", False),
+            seed=seed,
+        )
+        self.tokenizer = tokenizer

@@ -166,6 +166,9 @@ class ActiveForgetting(Callback):
                 "optimizer state are sharded, and a reset would touch only part of them. Use a single device "
                 "or the DDP strategy (trainer=ddp)."
             )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check the head policy against the model (built by now, also when ``configure_model`` builds it)."""
         model = find_model(pl_module)
         if self.head == "never" and is_tied(model):
             raise AfptError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from afpt.errors import AfptError
+from afpt.models import ModelConfig, build_model, load_model
 from afpt.schedule import DECAYS, lr_factor
 
 
@@ -22,7 +24,9 @@ class CausalLMModule(pl.LightningModule):
     ``embeddings`` group; ``embedding_lr`` gives it its own peak learning rate.
 
     Args:
-        model: any ``PreTrainedModel`` with a causal LM head.
+        model: any ``PreTrainedModel`` with a causal LM head; or a saved model directory (safetensors);
+            or a ``ModelConfig`` mapping (``{family: llama, hidden_size: ...}``), built in
+            ``configure_model`` for the datamodule's ``tokenizer`` (how ``afpt-lightning`` builds models).
         lr: peak learning rate. ``embedding_lr``: peak for the embeddings group (default ``lr``).
         weight_decay: for ``decay`` and ``head``; ``embedding_weight_decay`` for the embeddings.
         warmup_fraction, decay, min_lr_ratio: linear warmup, then cosine/linear/constant decay.
@@ -35,7 +39,7 @@ class CausalLMModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | str | dict[str, Any],
         lr: float = 3e-4,
         embedding_lr: float | None = None,
         weight_decay: float = 0.1,
@@ -56,13 +60,29 @@ class CausalLMModule(pl.LightningModule):
         if lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {lr!r}")
         self.save_hyperparameters(ignore=["model"])
-        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+        self.model_spec = None
+        if isinstance(model, str):
+            model = load_model(model)
+        elif isinstance(model, Mapping):
+            self.model_spec, model = ModelConfig.from_mapping(dict(model)), None
+        elif not isinstance(model, PreTrainedModel):
+            raise AfptError(
+                f"model must be a PreTrainedModel, a model directory or a ModelConfig mapping, got {model!r}"
+            )
+        # from_pretrained returns eval mode; Lightning keeps modes as found.
+        self.model = model.train() if model is not None else None
         self.val_loss = MeanMetric()
         self.val_loss_per_language = nn.ModuleDict()
         self.val_names: list[str] = []
 
     def configure_model(self) -> None:
-        """Compile the model in place when asked (keeps checkpoint keys stable)."""
+        """Build a model given as a config (for the datamodule's tokenizer); compile it in place when asked."""
+        if self.model is None:
+            tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+            if tokenizer is None:
+                raise AfptError("a model given as a config needs a datamodule with a `tokenizer` (CorpusDataModule)")
+            special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            self.model = build_model(self.model_spec, len(tokenizer), special).train()
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.model.compile()
             self._compiled = True

@@ -10,36 +10,12 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
-from afpt.data import PretrainDataModule, atomic_save, load_corpus, load_tokenizer, pack, tokenizer_for_run
+from afpt.data import CorpusDataModule, atomic_save
 from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model
 from afpt.module import CausalLMModule
 from afpt.plots import plot_loss_with_resets, read_metric_csv
 from afpt.stages.common import build_forgetting, build_trainer, check_ckpt_path, scalar_metrics, to_dict, write_json
 from afpt.throughput import TokenThroughput
-
-
-def prepare_data(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig):
-    """Corpus, tokenizer and packed blocks for the languages of ``cfg.data``."""
-    data = cfg.data
-    corpus = load_corpus(data, data.get("languages"))
-    if model_cfg.init_from:
-        tokenizer = load_tokenizer(model_cfg.init_from, model_cfg.trust_remote_code)
-    else:
-        tokenizer = tokenizer_for_run(
-            corpus,
-            run_dir / "tokenizer",
-            model_cfg.vocab_size,
-            data.tokenizer.get("path"),
-            data.tokenizer.sample_docs,
-            model_cfg.trust_remote_code,
-        )
-    train = {lang: pack(ds, tokenizer, data.block_size, f"train[{lang}]") for lang, ds in corpus.train.items()}
-    val = {}
-    for lang, ds in corpus.validation.items():
-        if len(ds):
-            blocks = pack(ds, tokenizer, data.block_size, f"validation[{lang}]")
-            val[lang] = blocks.select(range(min(len(blocks), data.max_val_blocks)))
-    return tokenizer, train, val
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -50,7 +26,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
     if model_cfg.init_from:
         check_model_dir(model_cfg.init_from)
-    tokenizer, train_blocks, val_blocks = prepare_data(cfg, run_dir, model_cfg)
+    datamodule = CorpusDataModule(
+        to_dict(cfg.data),
+        vocab_size=model_cfg.vocab_size,
+        run_dir=str(run_dir),
+        tokenizer_path=model_cfg.init_from,
+        trust_remote_code=model_cfg.trust_remote_code,
+        seed=cfg.seed,
+    )
+    tokenizer = datamodule.tokenizer
 
     if model_cfg.init_from:
         model = load_model(model_cfg.init_from, model_cfg.trust_remote_code, model_cfg.attn_implementation)
@@ -61,16 +45,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "pad_token_id": tokenizer.pad_token_id,
         }
         model = build_model(model_cfg, len(tokenizer), special)
-    datamodule = PretrainDataModule(
-        train_blocks,
-        val_blocks,
-        batch_size=cfg.data.batch_size,
-        mixture=to_dict(cfg.data.get("mixture")),
-        eval_batch_size=cfg.data.get("eval_batch_size"),
-        num_workers=cfg.data.num_workers,
-        pin_memory=cfg.data.pin_memory,
-        seed=cfg.seed,
-    )
     module = CausalLMModule(model, **to_dict(cfg.optim))
     forgetting = build_forgetting(cfg.forgetting, cfg.seed)
     trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
@@ -92,7 +66,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         * cfg.data.block_size,
         "train_time_s": round(train_time, 2),
         "parameters": count_parameters(model),
-        "languages": list(train_blocks),
+        "languages": datamodule.train_names,
         "resets": forgetting.history if forgetting else [],
         "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
