@@ -5,7 +5,10 @@ the model config's vocabulary, so the logits cost what they cost with a real tok
 table: tokens/s, MFU (afpt's dense-bf16 peak table), step time, peak memory, reset time, and
 torch.compile graph counts. Writes the rows as JSON to ``--out`` (default: $OUT or benchmarks/).
 
-    python benchmarks/throughput.py --variants llama_124m llama_124m+compile llama_350m+compile
+    python benchmarks/throughput.py --variants llama_124m llama_124m+compile llama_350m+compile+fusedce+bs32
+
+A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`` (optim.loss=
+fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ VOCAB = {"llama_124m": 50304, "llama_350m": 50304, "gpt2_124m": 50304, "mistral_
 
 def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, extra: list[str]) -> dict:
     model, *flags = variant.split("+")
+    batch = next((int(f[2:]) for f in flags if f.startswith("bs")), batch)
     overrides = [
         f"model={model}",
         f"model.pad_vocab_to_multiple_of={VOCAB.get(model, 64)}",
@@ -50,6 +54,8 @@ def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, ex
         "callbacks.model_checkpoint=null",
         f"callbacks.throughput.window={max(10, steps // 6)}",
         f"optim.compile={'compile' in flags}",
+        f"optim.loss={'fused_linear_ce' if 'fusedce' in flags else 'hf'}",
+        *(["trainer.precision=bf16-true"] if "bf16true" in flags else []),
         *extra,
     ]
     GlobalHydra.instance().clear()
@@ -78,6 +84,7 @@ def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, ex
         "reset_ms_max": max((r["duration_ms"] for r in resets), default=0.0),
         "reset_overhead_pct": 100 * sum(r["duration_ms"] for r in resets) / 1000 / train_time,
         "unique_graphs": counters["stats"]["unique_graphs"],
+        "recompiles_after_warmup": metrics["throughput"].get("recompiles_after_warmup"),
         "graph_breaks": sum(counters["graph_break"].values()),
         "fit_s": train_time,
         "wall_s": wall,
@@ -111,6 +118,7 @@ def main() -> None:
         "reset_ms_max",
         "reset_overhead_pct",
         "unique_graphs",
+        "recompiles_after_warmup",
         "graph_breaks",
     ]
     print(f"device: {device}, batch {args.batch} x {args.seq}, {args.steps} steps, K={args.every_k}")

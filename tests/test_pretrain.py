@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -129,7 +130,14 @@ BAD_INPUTS = [
     (["init_from=/tmp"], "not a model directory"),
     (["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
     (["data.mixture={zz: 1.0}"], "data.mixture names languages"),
+    (["optim.loss=chunky"], "optim.loss must be one of"),
 ]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")
+def test_fused_loss_without_liger_is_one_clear_error(tmp_run):
+    with pytest.raises(AfptError, match="needs liger-kernel"):
+        pretrain.run(compose_config(tmp_run, ["optim.loss=fused_linear_ce"]))
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS, ids=[o[0][-1] for o in BAD_INPUTS])

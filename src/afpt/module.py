@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ from transformers import PreTrainedModel
 from afpt.errors import AfptError
 from afpt.models import ModelConfig, build_model, load_model
 from afpt.schedule import DECAYS, lr_factor
+
+LOSSES = ("hf", "fused_linear_ce")
 
 
 class CausalLMModule(pl.LightningModule):
@@ -35,6 +38,8 @@ class CausalLMModule(pl.LightningModule):
         compile: ``torch.compile`` the model in place (state-dict keys unchanged).
         grad_clip: max global gradient norm, applied by the module (Lightning's own
             ``gradient_clip_val`` refuses fused optimizers); ``None`` turns clipping off.
+        loss: ``hf`` (the model's own loss on full logits) or ``fused_linear_ce`` (liger-kernel's fused
+            head matmul + cross-entropy in chunks, so the logits are never materialised; CUDA only).
     """
 
     def __init__(
@@ -53,8 +58,13 @@ class CausalLMModule(pl.LightningModule):
         fused: bool | None = None,
         compile: bool = False,
         grad_clip: float | None = 1.0,
+        loss: str = "hf",
     ) -> None:
         super().__init__()
+        if loss not in LOSSES:
+            raise AfptError(f"optim.loss must be one of {LOSSES}, got {loss!r}")
+        if loss == "fused_linear_ce" and importlib.util.find_spec("liger_kernel") is None:
+            raise AfptError("optim.loss=fused_linear_ce needs liger-kernel (CUDA only): pip install liger-kernel")
         if decay not in DECAYS:
             raise ValueError(f"optim.decay must be one of {DECAYS}, got {decay!r}")
         if lr <= 0:
@@ -83,8 +93,13 @@ class CausalLMModule(pl.LightningModule):
                 raise AfptError("a model given as a config needs a datamodule with a `tokenizer` (CorpusDataModule)")
             special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
             self.model = build_model(self.model_spec, len(tokenizer), special).train()
+        if self.hparams.loss == "fused_linear_ce" and not hasattr(self, "_fused_ce"):
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            self._fused_ce = LigerFusedLinearCrossEntropyLoss()
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.model.compile()
+            # The fused loss calls the decoder body directly, so that is what gets compiled.
+            (self.model.base_model if self.hparams.loss == "fused_linear_ce" else self.model).compile()
             self._compiled = True
 
     def setup(self, stage: str) -> None:
@@ -101,8 +116,20 @@ class CausalLMModule(pl.LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch.get("labels", batch["input_ids"])
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
         n_tokens = (labels[:, 1:] != -100).sum()
+        if self.hparams.loss == "fused_linear_ce":
+            hidden = self.model.base_model(
+                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+            ).last_hidden_state
+            head = self.model.get_output_embeddings()
+            loss = self._fused_ce(
+                head.weight,
+                hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                getattr(head, "bias", None),
+            )
+            return loss, n_tokens
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
         return out.loss, n_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -73,7 +73,12 @@ class TokenThroughput(Callback):
         elapsed = time.perf_counter() - self._start
         model = find_model(pl_module)
         tokens_per_s = self._tokens / elapsed
-        record = {"step": trainer.global_step, "tokens_per_s": tokens_per_s, "step_ms": 1000 * elapsed / steps}
+        record = {
+            "step": trainer.global_step,
+            "tokens_per_s": tokens_per_s,
+            "step_ms": 1000 * elapsed / steps,
+            "compiled_graphs": float(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+        }
         peak = peak_flops(pl_module.device)
         if peak:
             seq = (batch["input_ids"] if isinstance(batch, dict) else batch[0]).shape[-1]
@@ -85,10 +90,14 @@ class TokenThroughput(Callback):
         self._start, self._start_step, self._tokens = time.perf_counter(), trainer.global_step, 0
 
     def summary(self) -> dict[str, float]:
-        """Mean of the windows after the first (steady state); all windows if there is only one."""
+        """Means of the windows after the first (steady state; all windows if there is only one), and
+        ``recompiles_after_warmup``: graphs torch.compile built after the first window (resets included)."""
         steady = self.records[1:] or self.records
         keys = steady[0].keys() if steady else []
-        return {k: sum(r[k] for r in steady) / len(steady) for k in keys if k != "step"}
+        out = {k: sum(r[k] for r in steady) / len(steady) for k in keys if k not in ("step", "compiled_graphs")}
+        if self.records:
+            out["recompiles_after_warmup"] = self.records[-1]["compiled_graphs"] - self.records[0]["compiled_graphs"]
+        return out
 
     @staticmethod
     def _sync(pl_module: LightningModule) -> None:
