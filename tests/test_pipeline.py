@@ -62,6 +62,7 @@ def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     for png in ("pretrain_loss_af.png", "adaptation.png", "bars_acc.png", "bars_perplexity_per_character.png"):
         assert (study / "report" / png).stat().st_size > 5_000
     assert "af/adapt/mean_ppl_char" in out and "adapt_ppl_char_gain" in out
+    assert "eval/af_adapted/task/afpt_mc/acc" in out and "eval/baseline/isotropy/mean/self_similarity" in out
 
     # Started again: nothing reruns.
     before = _mtimes(study)

@@ -104,7 +104,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def headline(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> dict[str, float]:
-    """The study's key numbers: adaptation perplexity per character on the new languages, AF vs baseline."""
+    """The study's key numbers: adaptation perplexity on the new languages, AF vs baseline, and per model the
+    mean isotropy and the world tasks' scores."""
     out: dict[str, float] = {}
     for arm in ("af", "baseline"):
         after = results[f"adapt_{arm}"]["after"]
@@ -116,6 +117,14 @@ def headline(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> 
         if f"instruct_{arm}" in results:
             out[f"{arm}/instruct/answer_logprob"] = results[f"instruct_{arm}"]["after"]["answer_logprob_per_token"]
     out["adapt_ppl_char_gain"] = out["baseline/adapt/mean_ppl_char"] - out["af/adapt/mean_ppl_char"]
+    flat = evaluate.flat_metrics(evaluation["models"])
+    wanted = (
+        "/isotropy/mean/self_similarity",
+        "/isotropy/mean/self_similarity_adjusted",
+        "/task/afpt_mc/acc",
+        "/task/afpt_translate/chrf",
+    )
+    out.update({f"eval/{k}": v for k, v in flat.items() if k.endswith(wanted)})
     return out
 
 
