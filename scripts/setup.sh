@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install afpt (editable) into the current Python environment.
 # torch: an existing install is kept; where none is present, the CPU build torch==2.13.0 is installed.
-# Usage: scripts/setup.sh [--dev]   (--dev adds pytest and ruff)
+# Usage: scripts/setup.sh [--dev]   (--dev adds pytest, ruff and the Optuna sweeper)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
