@@ -178,24 +178,6 @@ def test_cli_lists_choices_for_an_unknown_model(tmp_path):
     assert "mistral_400m" in result.stderr and "tiny" in result.stderr
 
 
-def test_cli_multirun_jobs_do_not_collide(tmp_path):
-    from conftest import TINY
-
-    overrides = [o for o in TINY if not o.startswith("++")] + ["forgetting.every_n_steps=2"]
-    result = subprocess.run(
-        [sys.executable, "-m", "afpt", "-m", "seed=0,1", *overrides, f"hydra.sweep.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    jobs = sorted(p.parent for p in tmp_path.glob("*/metrics.json"))
-    assert [p.name for p in jobs] == ["0", "1"]
-    assert "seed=1" in (jobs[1] / ".hydra" / "overrides.yaml").read_text()
-    losses = [json.loads((p / "metrics.json").read_text())["val/loss"] for p in jobs]
-    assert losses[0] != losses[1], "different seeds give different runs"
-
-
 def test_runs_without_any_logger(tmp_run):
     metrics = pretrain.run(compose_config(tmp_run, ["logger=none", "trainer.max_steps=2"]))
     assert metrics["global_step"] == 2 and (tmp_run / "model" / "model.safetensors").is_file()
