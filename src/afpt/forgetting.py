@@ -15,11 +15,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from afpt.distributed import assign_full, full_parameters, full_value, layout, local
 from afpt.errors import AfptError
 from afpt.schedule import DECAYS, episode_step, lr_factor
 
 INITS = ("normal", "mean_std")
 HEAD_POLICIES = ("auto", "always", "never")
+RESET_NAMES = ("embedding", "head_weight", "head_bias")
 
 
 def reset_seed(seed: int, reset_index: int, name: str) -> int:
@@ -68,6 +70,14 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: list[torch.
                 state[key] = type(value)(0)
 
 
+def bit_checksum(tensor: torch.Tensor) -> int:
+    """A position-weighted sum of the raw bits, exact and independent of reduction order (below 2**53)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]).long()
+    weights = torch.arange(flat.numel(), device=flat.device) % 251 + 1
+    return int((bits % 65521 * weights).sum() % (2**52))
+
+
 def find_model(pl_module: nn.Module) -> nn.Module:
     """The module that owns the token embeddings: ``pl_module`` itself or its ``.model``."""
     for candidate in (pl_module, getattr(pl_module, "model", None)):
@@ -106,8 +116,9 @@ class ActiveForgetting(Callback):
         episode_warmup_fraction, episode_min_lr_ratio, episode_decay: shape of that schedule.
         total_steps: T of the schedule and the last step; default: the trainer's
             ``estimated_stepping_batches``.
-        check_sync: after each reset under data parallelism, compare a checksum of the reset
-            tensors and their optimizer state across ranks and raise if they differ.
+        check_sync: after each reset on several ranks, gather the reset tensors through any sharding
+            (DDP, FSDP, FSDP2), check that every rank holds exactly the drawn values and that its shard
+            of their optimizer state is zero, and raise if not. Costs an all-gather per reset.
     """
 
     def __init__(
@@ -154,18 +165,12 @@ class ActiveForgetting(Callback):
         self._last_loss: torch.Tensor | None = None
         self._awaiting_loss_after = False
         self._peak_lr: float | None = None
+        self._pending_check: list[torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- resolution
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse strategies whose sharded parameters this callback cannot reset correctly."""
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
-            raise AfptError(
-                f"ActiveForgetting does not support {type(trainer.strategy).__name__} yet: its parameters and "
-                "optimizer state are sharded, and a reset would touch only part of them. Use a single device "
-                "or the DDP strategy (trainer=ddp)."
-            )
+        """Refuse strategies whose parameters this callback cannot address (DeepSpeed, FSDP without orig params)."""
+        layout(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check the head policy against the model (built by now, also when ``configure_model`` builds it)."""
@@ -209,41 +214,65 @@ class ActiveForgetting(Callback):
         raise RuntimeError("the input embedding is in no optimizer param group")
 
     # ----------------------------------------------------------------- the reset
+    def _fresh_value(self, param: torch.Tensor, name: str, reset_index: int, model: nn.Module) -> torch.Tensor:
+        """The full new value of ``param``, drawn from the (seed, reset index, name) generator: same on every rank."""
+        device = local(param).device
+        value = torch.zeros(param.shape, dtype=param.dtype, device=device)
+        if param.dim() == 1:
+            return value
+        if self.init == "mean_std":
+            value.copy_(full_value(param))
+        generator = torch.Generator(device=device)
+        generator.manual_seed(reset_seed(self.seed, reset_index, name))
+        pad = self._pad_token_id(model) if name == "embedding" else None
+        reinitialize_(value, generator, self.init, self._std(model), pad)
+        return value
+
     @torch.no_grad()
     def reset(self, trainer: Trainer, pl_module: LightningModule, reset_index: int) -> None:
-        """Re-initialise the embeddings (and head, by policy) and zero their optimizer state."""
+        """Re-initialise the embeddings (and head, by policy) and zero their optimizer state.
+
+        Works on whole tensors (single device, DDP), FSDP flat shards (through ``summon_full_params``)
+        and FSDP2 ``DTensor`` shards: every rank draws the same full tensor and keeps its own shard.
+        """
         model = find_model(pl_module)
+        with full_parameters(trainer, writeback=True):
+            params = self.reset_parameters(pl_module)
+            values = [self._fresh_value(p, n, reset_index, model) for n, p in zip(RESET_NAMES, params)]
+            for param, value in zip(params, values):
+                assign_full(param, value)
         params = self.reset_parameters(pl_module)
-        std = self._std(model)
-        for name, param in zip(("embedding", "head_weight", "head_bias"), params):
-            if param.dim() == 1:
-                param.zero_()
-                continue
-            generator = torch.Generator(device=param.device)
-            generator.manual_seed(reset_seed(self.seed, reset_index, name))
-            pad = self._pad_token_id(model) if name == "embedding" else None
-            reinitialize_(param, generator, self.init, std, pad)
         for optimizer in trainer.optimizers:
             reset_optimizer_state_(optimizer, params)
         if self.check_sync and trainer.world_size > 1:
-            self._check_ranks_agree(trainer, params)
+            self._pending_check = values
 
-    def _check_ranks_agree(self, trainer: Trainer, params: list[torch.Tensor]) -> None:
-        state_norm = sum(
-            float(v.float().abs().sum())
-            for opt in trainer.optimizers
-            for p in params
-            for v in opt.state.get(p, {}).values()
-            if torch.is_tensor(v)
+    @torch.no_grad()
+    def _verify(self, trainer: Trainer, pl_module: LightningModule, values: list[torch.Tensor]) -> None:
+        """Check on every rank that the reset tensors hold the drawn values and their optimizer state is zero.
+
+        Gathers the full tensors (through any sharding), compares them with the values this rank drew,
+        sums this rank's shard of the optimizer state, and all-gathers the results.
+        """
+        with full_parameters(trainer, writeback=False):
+            observed = [full_value(p).detach() for p in self.reset_parameters(pl_module)]
+            exact = all(torch.equal(o, v) for o, v in zip(observed, values))
+            checksums = [float(bit_checksum(o)) for o in observed]
+        state_abs = sum(
+            float(local(value).double().abs().sum())
+            for optimizer in trainer.optimizers
+            for param in self.reset_parameters(pl_module)
+            for value in optimizer.state.get(param, {}).values()
+            if torch.is_tensor(value)
         )
-        local = torch.tensor(
-            [float(p.double().sum()) for p in params] + [float(p.double().pow(2).sum()) for p in params] + [state_norm],
-            dtype=torch.float64,
-            device=params[0].device,
-        )
-        gathered = trainer.strategy.all_gather(local)
-        if not torch.equal(gathered.min(dim=0).values, gathered.max(dim=0).values) or state_norm != 0.0:
-            raise RuntimeError(f"ranks disagree after an embedding reset (checksums per rank: {gathered.tolist()})")
+        mine = torch.tensor([float(exact), state_abs, *checksums], dtype=torch.float64, device=pl_module.device)
+        gathered = trainer.strategy.all_gather(mine).reshape(trainer.world_size, -1)
+        agree = torch.equal(gathered[:, 2:].min(dim=0).values, gathered[:, 2:].max(dim=0).values)
+        if not (bool((gathered[:, 0] == 1).all()) and bool((gathered[:, 1] == 0).all()) and agree):
+            raise RuntimeError(
+                "ranks disagree after an embedding reset (per rank: values exact, |optimizer state|, checksums): "
+                f"{gathered.tolist()}"
+            )
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -278,6 +307,12 @@ class ActiveForgetting(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         duration_ms = 1000 * (time.perf_counter() - start)
+        verify_ms = None
+        if self._pending_check is not None:
+            start = time.perf_counter()
+            self._verify(trainer, pl_module, self._pending_check)
+            self._pending_check = None
+            verify_ms = 1000 * (time.perf_counter() - start)
         before = float(self._last_loss) if self._last_loss is not None else None
         self.history.append(
             {
@@ -286,6 +321,7 @@ class ActiveForgetting(Callback):
                 "loss_before": before,
                 "loss_after": None,
                 "duration_ms": duration_ms,
+                "verify_ms": verify_ms,
             }
         )
         self._awaiting_loss_after = True

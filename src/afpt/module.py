@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from afpt.distributed import full_value, fully_shard_model, layout
 from afpt.errors import AfptError
 from afpt.models import ModelConfig, build_model, load_model
 from afpt.schedule import DECAYS, lr_factor
@@ -97,6 +98,11 @@ class CausalLMModule(pl.LightningModule):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             self._fused_ce = LigerFusedLinearCrossEntropyLoss()
+        if self.device_mesh is not None and not getattr(self, "_sharded", False):
+            # ModelParallelStrategy (trainer=fsdp2): FSDP2 shards over the data-parallel mesh dimension.
+            bf16 = str(self.trainer.precision) == "bf16-mixed"
+            fully_shard_model(self.model, self.device_mesh["data_parallel"], bf16=bf16)
+            self._sharded = True
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # The fused loss calls the decoder body directly, so that is what gets compiled.
             (self.model.base_model if self.hparams.loss == "fused_linear_ce" else self.model).compile()
@@ -163,7 +169,11 @@ class CausalLMModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip the global gradient norm (gradients are already unscaled here, or never scaled)."""
         if self.hparams.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip)
+            wrapper = self.trainer.strategy.model
+            if layout(self.trainer) == "fsdp":  # the norm of flat shards must be reduced across ranks
+                norm = wrapper.clip_grad_norm_(self.hparams.grad_clip)
+            else:  # plain tensors, or FSDP2 DTensors (reduced by clip_grad_norm_ itself)
+                norm = full_value(torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip))
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -51,6 +51,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     kwargs = to_dict(cfg.trainer)
+    if isinstance(kwargs.get("strategy"), dict):  # a strategy object: {_target_: ..., **kwargs}
+        try:
+            kwargs["strategy"] = instantiate(cfg.trainer.strategy)
+        except Exception as err:
+            raise AfptError(f"trainer.strategy: cannot build {kwargs['strategy'].get('_target_')!r}: {err}") from err
     try:
         return pl.Trainer(
             **kwargs, callbacks=callbacks + extra_callbacks, logger=loggers or False, default_root_dir=str(run_dir)

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from afpt.data import CorpusDataModule, atomic_save
+from afpt.distributed import full_state_dict
 from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model
 from afpt.module import CausalLMModule
 from afpt.plots import plot_loss_with_resets, read_metric_csv
@@ -49,6 +50,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     forgetting = build_forgetting(cfg.forgetting, cfg.seed)
     trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
 
+    parameters = count_parameters(model)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - start
@@ -65,25 +67,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         * cfg.data.batch_size
         * cfg.data.block_size,
         "train_time_s": round(train_time, 2),
-        "parameters": count_parameters(model),
+        "parameters": parameters,
         "languages": datamodule.train_names,
         "resets": forgetting.history if forgetting else [],
         "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         **scalar_metrics(trainer),
     }
+    state_dict = full_state_dict(trainer, trainer.strategy.model)  # a collective under FSDP: every rank calls
     if trainer.is_global_zero:
-        save_artifacts(run_dir, module, tokenizer, trainer, metrics, cfg)
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        save_artifacts(run_dir, module, tokenizer, trainer, metrics, cfg, state_dict)
     return metrics
 
 
 def save_artifacts(
-    run_dir: Path, module: CausalLMModule, tokenizer, trainer: pl.Trainer, metrics: dict[str, Any], cfg: DictConfig
+    run_dir: Path,
+    module: CausalLMModule,
+    tokenizer,
+    trainer: pl.Trainer,
+    metrics: dict[str, Any],
+    cfg: DictConfig,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """``model/`` (safetensors + tokenizer), ``metrics.json`` and ``loss.png``, each written atomically."""
+    """``model/`` (safetensors + tokenizer), ``metrics.json`` and ``loss.png``, each written atomically.
+
+    ``state_dict``: the full weights gathered from a sharded model (FSDP); default: the module's own.
+    """
 
     def save(tmp: Path) -> None:
-        module.model.save_pretrained(tmp)
+        module.model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
     atomic_save(save, run_dir / "model")

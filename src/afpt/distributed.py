@@ -1,0 +1,146 @@
+"""Sharded training: Lightning strategies for FSDP (v1) and FSDP2, and helpers that see through sharding.
+
+Active forgetting and model saving need the full value of a sharded parameter. Three layouts exist:
+
+- ``replicated``: single device or DDP; every rank holds the whole tensor.
+- ``fsdp``: Lightning's ``FSDPStrategy`` (``use_orig_params=True``); a parameter is a flat shard
+  outside ``FullyShardedDataParallel.summon_full_params``.
+- ``fsdp2``: ``ModelParallelStrategy`` (``fully_shard``); a parameter is a ``DTensor``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from afpt.errors import AfptError
+
+# Decoder-layer classes of the families afpt builds; each becomes its own FSDP unit.
+DEFAULT_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "GPT2Block")
+
+
+def _wrap_by_name(module: nn.Module, recurse: bool, nonwrapped_numel: int, names: frozenset[str]) -> bool:
+    return recurse or type(module).__name__ in names
+
+
+def fsdp_strategy(
+    layers: Iterable[str] = DEFAULT_LAYERS,
+    activation_checkpointing: bool = False,
+    **kwargs: Any,
+) -> FSDPStrategy:
+    """Lightning's ``FSDPStrategy`` with one FSDP unit per decoder layer, named by class name.
+
+    ``activation_checkpointing`` recomputes each layer's activations in the backward pass. Other
+    keyword arguments (``sharding_strategy``, ``state_dict_type``, ``cpu_offload``...) go to
+    ``FSDPStrategy``; ``use_orig_params=False`` is refused, because active forgetting and the
+    param groups address the original parameters.
+    """
+    if kwargs.get("use_orig_params") is False:
+        raise AfptError("trainer.strategy.use_orig_params=false is not supported: afpt addresses original parameters")
+    names = frozenset(layers)
+    policy = functools.partial(_wrap_by_name, names=names)
+    if activation_checkpointing:
+        kwargs["activation_checkpointing_policy"] = functools.partial(_wrap_by_name, names=names)
+    return FSDPStrategy(auto_wrap_policy=policy, **kwargs)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` as pure FSDP2: every process is one data-parallel shard (no tensor parallelism).
+
+    ``CausalLMModule.configure_model`` applies ``fully_shard`` to each decoder layer and to the model.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("data_parallel_size", "auto")
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(**kwargs)
+
+    def setup_environment(self) -> None:
+        """Use all processes of all nodes for data parallelism."""
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def layout(trainer: Trainer | None) -> str:
+    """``replicated``, ``fsdp`` or ``fsdp2``; DeepSpeed and tensor parallelism are refused."""
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise AfptError("DeepSpeed is not supported: use trainer=ddp, trainer=fsdp or trainer=fsdp2")
+    if isinstance(strategy, FSDPStrategy):
+        if strategy.kwargs.get("use_orig_params") is False:
+            raise AfptError("FSDP with use_orig_params=false is not supported: afpt addresses original parameters")
+        return "fsdp"
+    if isinstance(strategy, ModelParallelStrategy):
+        return "fsdp2"
+    return "replicated"
+
+
+def fully_shard_model(model: nn.Module, mesh: Any, bf16: bool) -> None:
+    """Apply FSDP2's ``fully_shard`` to each decoder layer (the model's ``_no_split_modules``), then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or DEFAULT_LAYERS)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise AfptError(f"fsdp2: no decoder layers found in {type(model).__name__} (looked for {sorted(names)})")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+@contextlib.contextmanager
+def full_parameters(trainer: Trainer | None, writeback: bool) -> Iterator[None]:
+    """Inside, FSDP (v1) parameters hold their full values; with ``writeback`` changes reach every shard.
+
+    Every rank must enter it (it all-gathers). A no-op for other layouts.
+    """
+    if layout(trainer) != "fsdp":
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=writeback, with_grads=False):
+        yield
+
+
+def full_value(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of ``param``: gathered from its shards for a DTensor (a collective), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+@torch.no_grad()
+def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor, identical on every rank, into ``param`` (each rank keeps its own shard of a DTensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (the local shard of a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(trainer: Trainer | None, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The model's full state dict on CPU: gathered on rank 0 under FSDP (every rank must call), else as is."""
+    if layout(trainer) == "replicated":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,74 @@
+"""Run by test_ddp.py: two CPU processes (gloo) train with ActiveForgetting under DDP, FSDP or FSDP2.
+
+After each reset every rank saves the full embedding it sees (gathered through any sharding), its own
+shard of the embedding's optimizer state, and its shard of the embedding parameter.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from conftest import loader, tiny_llama
+
+from afpt import ActiveForgetting, CausalLMModule
+from afpt.distributed import FSDP2Strategy, fsdp_strategy, full_parameters, full_value, local
+
+STRATEGIES = {"ddp": lambda: "ddp", "fsdp": fsdp_strategy, "fsdp2": FSDP2Strategy}
+
+
+class SaveEmbeddingAfterReset(pl.Callback):
+    """After every reset step, save this rank's view of the embedding and its optimizer state."""
+
+    def __init__(self, out: Path, forgetting: ActiveForgetting) -> None:
+        self.out, self.forgetting, self.seen = out, forgetting, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if len(self.forgetting.history) > self.seen:
+            self.seen = len(self.forgetting.history)
+            weight = pl_module.model.get_input_embeddings().weight
+            state = trainer.optimizers[0].state[weight]
+            with full_parameters(trainer, writeback=False):
+                full = full_value(pl_module.model.get_input_embeddings().weight).detach().clone()
+            torch.save(
+                {
+                    "emb": full,
+                    "shard_numel": local(weight).numel(),
+                    "exp_avg": local(state["exp_avg"]).clone(),
+                    "exp_avg_sq": local(state["exp_avg_sq"]).clone(),
+                },
+                self.out / f"rank{trainer.global_rank}_step{trainer.global_step}.pt",
+            )
+
+
+class SeedPerRank(ActiveForgetting):
+    """A broken setup: each rank seeds its resets differently, which check_sync must catch."""
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        self.seed = trainer.global_rank
+
+
+def main(out: Path, strategy: str, mismatch: bool) -> None:
+    pl.seed_everything(0)
+    forgetting = (SeedPerRank if mismatch else ActiveForgetting)(every_n_steps=2, check_sync=True)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=STRATEGIES[strategy](),
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[forgetting, SaveEmbeddingAfterReset(out, forgetting)],
+    )
+    # Ranks stay equal only if every rank drew the same values and wrote its own shard of them.
+    trainer.fit(CausalLMModule(tiny_llama(tied=True), lr=1e-2), train_dataloaders=loader())
+    torch.save({"verified": [h["verify_ms"] is not None for h in forgetting.history]}, out / f"history{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], mismatch=sys.argv[3:] == ["mismatch"])
