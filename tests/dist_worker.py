@@ -67,7 +67,9 @@ def main(out: Path, strategy: str, mismatch: bool) -> None:
     )
     # Ranks stay equal only if every rank drew the same values and wrote its own shard of them.
     trainer.fit(CausalLMModule(tiny_llama(tied=True), lr=1e-2), train_dataloaders=loader())
-    torch.save({"verified": [h["verify_ms"] is not None for h in forgetting.history]}, out / f"history{trainer.global_rank}.pt")
+    torch.save(
+        {"verified": [h["verify_ms"] is not None for h in forgetting.history]}, out / f"history{trainer.global_rank}.pt"
+    )
 
 
 if __name__ == "__main__":
