@@ -8,7 +8,10 @@ torch.compile graph counts. Writes the rows as JSON to ``--out`` (default: $OUT 
     python benchmarks/throughput.py --variants llama_124m llama_124m+compile llama_350m+compile+fusedce+bs32
 
 A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`` (optim.loss=
-fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true).
+fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true), ``cudnn`` /
+``flash`` / ``efficient`` (optim.sdpa_backend), ``ckpt`` (optim.activation_checkpointing).
+``--profile`` adds ``afpt.throughput.KernelBreakdown`` and splits the GPU time of 10 steps by kernel
+category (attention, matmul, loss, optimizer, other, idle).
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ from afpt.stages import pretrain
 VOCAB = {"llama_124m": 50304, "llama_350m": 50304, "gpt2_124m": 50304, "mistral_400m": 32000, "tiny": 4096}
 
 
-def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, extra: list[str]) -> dict:
+SDPA = ("cudnn", "flash", "efficient")
+
+
+def run_variant(
+    variant: str, steps: int, batch: int, seq: int, every_k: int, extra: list[str], profile: bool = False
+) -> dict:
     model, *flags = variant.split("+")
     batch = next((int(f[2:]) for f in flags if f.startswith("bs")), batch)
     overrides = [
@@ -56,6 +64,8 @@ def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, ex
         f"optim.compile={'compile' in flags}",
         f"optim.loss={'fused_linear_ce' if 'fusedce' in flags else 'hf'}",
         *(["trainer.precision=bf16-true"] if "bf16true" in flags else []),
+        *[f"optim.sdpa_backend={f}" for f in flags if f in SDPA],
+        *(["optim.activation_checkpointing=true"] if "ckpt" in flags else []),
         *extra,
     ]
     GlobalHydra.instance().clear()
@@ -63,12 +73,17 @@ def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, ex
         cfg = compose(config_name="config", overrides=overrides)
     with open_dict(cfg), tempfile.TemporaryDirectory() as run_dir:
         cfg.paths.run_dir = run_dir
+        if profile:
+            start = min(steps // 2, steps - 12)
+            cfg.callbacks.profile = {"_target_": "afpt.throughput.KernelBreakdown", "dirpath": run_dir}
+            cfg.callbacks.profile.update(start_step=start, steps=10)
         torch._dynamo.reset()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         metrics = pretrain.run(cfg)
         wall = time.perf_counter() - start
+        breakdown = json.loads((Path(run_dir) / "profile.json").read_text()) if profile else None
     counters = torch._dynamo.utils.counters
     resets = metrics["resets"]
     train_time = metrics["train_time_s"]
@@ -88,6 +103,7 @@ def run_variant(variant: str, steps: int, batch: int, seq: int, every_k: int, ex
         "graph_breaks": sum(counters["graph_break"].values()),
         "fit_s": train_time,
         "wall_s": wall,
+        "profile": breakdown,
     }
 
 
@@ -98,10 +114,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--every-k", type=int, default=100)
+    parser.add_argument("--profile", action="store_true", help="split 10 steps' GPU time by kernel category")
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every variant")
     args = parser.parse_args()
-    rows = [run_variant(v, args.steps, args.batch, args.seq, args.every_k, args.overrides) for v in args.variants]
+    rows = [
+        run_variant(v, args.steps, args.batch, args.seq, args.every_k, args.overrides, args.profile)
+        for v in args.variants
+    ]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out = Path(args.out) / "throughput.json"
     out.write_text(
@@ -127,6 +147,23 @@ def main() -> None:
     for row in rows:
         cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols]
         print("| " + " | ".join(cells) + " |")
+    if args.profile:
+        print_profiles(rows)
+
+
+def print_profiles(rows: list[dict]) -> None:
+    """Where the time of a step goes: per-category kernel time (ms and % of the step), then idle."""
+    names = sorted({k for r in rows for k in r["profile"]["kernel_ms_per_step"]})
+    cols = [*names, "idle"]
+    print("\nms per step (% of the step) by kernel category, 10 profiled steps")
+    print("| variant | step ms | " + " | ".join(cols) + " | host gap ms |")
+    print("|" + "---|" * (len(cols) + 3))
+    for row in rows:
+        prof = row["profile"]
+        wall = prof["wall_ms_per_step"]
+        values = {**prof["kernel_ms_per_step"], "idle": prof["idle_ms_per_step"]}
+        cells = [f"{values.get(c, 0):.1f} ({100 * values.get(c, 0) / wall:.0f}%)" for c in cols]
+        print(f"| {row['variant']} | {wall:.1f} | " + " | ".join(cells) + f" | {prof['host_gap_ms_per_batch']:.2f} |")
 
 
 if __name__ == "__main__":

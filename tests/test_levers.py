@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import fit, tiny_llama
@@ -62,3 +64,21 @@ def test_a_strategy_that_cannot_be_built_names_its_target(tmp_path):
     cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "strategy": {"_target_": "afpt.distributed.nope"}}})
     with pytest.raises(AfptError, match="trainer.strategy: cannot build 'afpt.distributed.nope'"):
         build_trainer(cfg, tmp_path, [])
+
+
+def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
+    from afpt.throughput import KernelBreakdown, kernel_category
+
+    profile = KernelBreakdown(str(tmp_path), start_step=2, steps=3)
+    fit(CausalLMModule(tiny_llama(tied=True)), [profile], max_steps=6)
+    written = json.loads((tmp_path / "profile.json").read_text())
+    assert written == profile.result and written["steps"] == 3
+    ms = written["kernel_ms_per_step"]
+    for category in ("matmul", "attention", "loss (softmax / cross-entropy)", "optimizer + grad clip"):
+        assert ms.get(category, 0) > 0, category
+    assert sum(ms.values()) <= written["wall_ms_per_step"] * 1.05
+    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kernel_category("flash_fwd_kernel") == "attention"
+    assert kernel_category("triton_red_fused__log_softmax_0") == "loss (softmax / cross-entropy)"
+    assert kernel_category("ncclDevKernel_AllGather_RING_LL") == "communication"
+    assert kernel_category("triton_poi_fused_mul_rsqrt_1") == "other"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from transformers import PreTrainedModel
 
 from afpt.forgetting import find_model
 
@@ -29,6 +32,9 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     head, which is counted once among the parameters but still costs its own matmul.
     """
     config = model.config
+    if isinstance(model, PreTrainedModel):  # count full shapes, also when parameters are sharded (FSDP)
+        with torch.device("meta"):
+            model = type(model)(config)
     embedding = model.get_input_embeddings().weight
     params = sum(p.numel() for p in model.parameters()) - embedding.numel()
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
@@ -53,6 +59,7 @@ class TokenThroughput(Callback):
         self._start: float | None = None
         self._start_step = 0
         self._tokens = 0
+        self._flops_per_token: float | None = None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Start the clock at the first batch, and count this micro-batch's tokens."""
@@ -82,7 +89,9 @@ class TokenThroughput(Callback):
         peak = peak_flops(pl_module.device)
         if peak:
             seq = (batch["input_ids"] if isinstance(batch, dict) else batch[0]).shape[-1]
-            record["mfu"] = tokens_per_s * flops_per_token(model, seq) / (peak * trainer.world_size)
+            if self._flops_per_token is None:
+                self._flops_per_token = flops_per_token(model, seq)
+            record["mfu"] = tokens_per_s * self._flops_per_token / (peak * trainer.world_size)
         self.records.append(record)
         for key, value in record.items():
             if key != "step":
@@ -103,3 +112,89 @@ class TokenThroughput(Callback):
     def _sync(pl_module: LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+# Kernel-name fragments per category, matched in this order (lower case).
+KERNEL_CATEGORIES = {
+    "communication": ("nccl",),
+    "attention": ("flash", "fmha", "sdpa", "attention", "attn"),
+    "matmul": ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "splitk", "::mm", "addmm", "bmm", "::linear"),
+    "optimizer + grad clip": ("adam", "multi_tensor", "foreach", "norm_kernel"),
+    "loss (softmax / cross-entropy)": ("log_softmax", "softmax", "nll", "cross_entropy"),
+    "memory copies": ("memcpy", "memset"),
+}
+
+
+def kernel_category(name: str) -> str:
+    """The category of a CUDA kernel by its name; ``other`` (elementwise, norms, RoPE) when none matches."""
+    lower = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES.items() if any(k in lower for k in keys)), "other")
+
+
+class KernelBreakdown(Callback):
+    """Profile ``steps`` optimizer steps from ``start_step`` and split GPU time by kernel category.
+
+    Writes ``profile.json`` (and ``profile_trace.json``, a Chrome trace, with ``trace=True``) to
+    ``dirpath``: wall time of the window, per-category kernel time, GPU idle time (wall minus
+    kernel time on one stream), and the host's gap between batches (data loading and hooks).
+    On CPU the categories hold the operators' own CPU time instead of kernel time.
+    """
+
+    def __init__(self, dirpath: str, start_step: int = 50, steps: int = 10, trace: bool = False) -> None:
+        super().__init__()
+        self.dirpath, self.start_step, self.steps, self.trace = dirpath, start_step, steps, trace
+        self.result: dict[str, Any] | None = None
+        self._profiler: torch.profiler.profile | None = None
+        self._start = 0.0
+        self._batch_end: float | None = None
+        self._gaps: list[float] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Start at ``start_step``; record the host gap since the previous batch while profiling."""
+        if self._profiler is not None and self._batch_end is not None:
+            self._gaps.append(time.perf_counter() - self._batch_end)
+        if trainer.global_step == self.start_step and self._profiler is None and self.result is None:
+            TokenThroughput._sync(pl_module)
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Stop after ``steps`` optimizer steps and write the breakdown."""
+        self._batch_end = time.perf_counter()
+        if self._profiler is None or trainer.global_step < self.start_step + self.steps:
+            return
+        TokenThroughput._sync(pl_module)
+        wall_ms = 1000 * (time.perf_counter() - self._start)
+        self._profiler.__exit__(None, None, None)
+        cuda = pl_module.device.type == "cuda"
+        categories: dict[str, float] = {}
+        for event in self._profiler.key_averages():
+            if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            micros = event.self_device_time_total if cuda else event.self_cpu_time_total
+            if micros > 0:
+                cat = kernel_category(event.key)
+                categories[cat] = categories.get(cat, 0.0) + micros / 1000
+        busy = sum(categories.values())
+        self.result = {
+            "steps": self.steps,
+            "wall_ms_per_step": wall_ms / self.steps,
+            "kernel_ms_per_step": {k: v / self.steps for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "idle_ms_per_step": max(wall_ms - busy, 0.0) / self.steps,
+            "host_gap_ms_per_batch": 1000 * sum(self._gaps) / max(len(self._gaps), 1),
+        }
+        if trainer.is_global_zero:
+            out = Path(self.dirpath)
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / ".profile.json.tmp"
+            tmp.write_text(json.dumps(self.result, indent=2))
+            tmp.replace(out / "profile.json")
+            if self.trace:
+                self._profiler.export_chrome_trace(str(out / "profile_trace.json"))
+        self._profiler = None

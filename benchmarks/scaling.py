@@ -1,0 +1,141 @@
+"""Scaling of afpt's real pretraining CLI over GPUs: one GPU, DDP, FSDP and FSDP2, forgetting on and checked.
+
+Each setting runs ``python -m afpt stage=pretrain`` as a user would (Lightning launches the ranks),
+with ``forgetting.check_sync=true``: after every reset each rank gathers the embedding through its
+sharding, checks it holds exactly the seeded values and that its shard of the optimizer state is zero,
+and the run fails otherwise. Prints a table (throughput per GPU against one GPU, resets verified,
+recompiles) and writes it as JSON under ``--out`` (default: $OUT or benchmarks/).
+
+    python benchmarks/scaling.py --gpus 2 --settings 1gpu ddp fsdp fsdp2 -- model=llama_124m optim.compile=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEVICE = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+SETTINGS = {
+    "1gpu": ["trainer=gpu", "trainer.devices=1"],
+    "ddp": ["trainer=gpu", "trainer.strategy=ddp"],
+    "fsdp": ["trainer=fsdp"],
+    "fsdp2": ["trainer=fsdp2"],
+}
+
+
+def run_setting(name: str, gpus: int, steps: int, every_k: int, run_dir: Path, extra: list[str]) -> dict:
+    devices = 1 if name == "1gpu" else gpus
+    command = [
+        sys.executable,
+        "-m",
+        "afpt",
+        "stage=pretrain",
+        *SETTINGS[name],
+        f"trainer.devices={devices}",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "callbacks.model_checkpoint=null",
+        f"callbacks.throughput.window={max(10, steps // 6)}",
+        f"forgetting.every_n_steps={every_k}",
+        "forgetting.check_sync=true",
+        "data.world.train_docs_per_language=4000",
+        "data.world.val_docs_per_language=400",
+        "data.tokenizer.sample_docs=4000",
+        "data.num_workers=4",
+        "data.pin_memory=true",
+        f"paths.run_dir={run_dir}",
+        *extra,
+    ]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (run_dir.parent / f"{name}.log").write_text(result.stdout[-20000:] + result.stderr[-20000:])
+    if result.returncode != 0:
+        return {"setting": name, "gpus": devices, "error": result.stderr[-1500:], "wall_s": wall}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    perf, resets = metrics["throughput"], metrics["resets"]
+    return {
+        "setting": name,
+        "gpus": devices,
+        "command": " ".join(command[1:]),
+        "tokens_per_s": perf.get("tokens_per_s"),
+        "per_gpu": perf.get("tokens_per_s", 0) / devices,
+        "mfu": perf.get("mfu"),
+        "step_ms": perf.get("step_ms"),
+        "peak_mem_GB": metrics["peak_memory_gb"],
+        "resets": len(resets),
+        "resets_verified": sum(r.get("verify_ms") is not None for r in resets),
+        "reset_ms_max": max((r["duration_ms"] for r in resets), default=0.0),
+        "reset_overhead_pct": 100 * sum(r["duration_ms"] for r in resets) / 1000 / metrics["train_time_s"],
+        "recompiles_after_warmup": perf.get("recompiles_after_warmup"),
+        "val_loss": metrics.get("val/loss"),
+        "wall_s": wall,
+    }
+
+
+def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """Record the rows measured so far, with the device, date and arguments."""
+    record = {"device": DEVICE, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}
+    (out / "scaling.json").write_text(json.dumps(record, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every-k", type=int, default=50)
+    parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every setting (after --)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    rows = []
+    for setting in args.settings:  # the file is rewritten after each setting, so a cut-off run keeps its rows
+        rows.append(
+            run_setting(setting, args.gpus, args.steps, args.every_k, out / "scaling_runs" / setting, args.overrides)
+        )
+        write(out, args, rows)
+    single = next((r["per_gpu"] for r in rows if r["setting"] == "1gpu" and "error" not in r), None)
+    for row in rows:
+        if single and "error" not in row:
+            row["per_gpu_vs_1gpu_pct"] = 100 * row["per_gpu"] / single
+    write(out, args, rows)
+    cols = [
+        "setting",
+        "gpus",
+        "tokens_per_s",
+        "per_gpu",
+        "per_gpu_vs_1gpu_pct",
+        "mfu",
+        "step_ms",
+        "peak_mem_GB",
+        "resets",
+        "resets_verified",
+        "reset_ms_max",
+        "reset_overhead_pct",
+        "recompiles_after_warmup",
+        "val_loss",
+    ]
+    print(f"device: {DEVICE} x {args.gpus}, {args.steps} steps, K={args.every_k}, overrides: {args.overrides}")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['setting']} | failed: {row['error'][-300:]!r} |")
+            continue
+        cells = [f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
