@@ -30,8 +30,17 @@ SETTINGS = {
 }
 
 
-def run_setting(name: str, gpus: int, steps: int, every_k: int, run_dir: Path, extra: list[str]) -> dict:
+def run_setting(
+    name: str, gpus: int, steps: int, every_k: int, run_dir: Path, extra: list[str], profile: bool = False
+) -> dict:
     devices = 1 if name == "1gpu" else gpus
+    # The profiled steps come after the measured ones, so the profiler slows no throughput window.
+    profiling = [
+        "+callbacks.profile._target_=afpt.throughput.KernelBreakdown",
+        f"+callbacks.profile.dirpath={run_dir}",
+        f"+callbacks.profile.start_step={steps + 1}",
+        "+callbacks.profile.steps=10",
+    ]
     command = [
         sys.executable,
         "-m",
@@ -39,7 +48,7 @@ def run_setting(name: str, gpus: int, steps: int, every_k: int, run_dir: Path, e
         "stage=pretrain",
         *SETTINGS[name],
         f"trainer.devices={devices}",
-        f"trainer.max_steps={steps}",
+        f"trainer.max_steps={steps + 12 if profile else steps}",
         f"trainer.val_check_interval={steps}",
         "trainer.limit_val_batches=2",
         "trainer.enable_progress_bar=false",
@@ -54,6 +63,7 @@ def run_setting(name: str, gpus: int, steps: int, every_k: int, run_dir: Path, e
         "data.num_workers=4",
         "data.pin_memory=true",
         f"paths.run_dir={run_dir}",
+        *(profiling if profile else []),
         *extra,
     ]
     start = time.perf_counter()
@@ -80,6 +90,7 @@ def run_setting(name: str, gpus: int, steps: int, every_k: int, run_dir: Path, e
         "recompiles_after_warmup": perf.get("recompiles_after_warmup"),
         "val_loss": metrics.get("val/loss"),
         "wall_s": wall,
+        "profile": json.loads((run_dir / "profile.json").read_text()) if profile else None,
     }
 
 
@@ -95,6 +106,7 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every-k", type=int, default=50)
+    parser.add_argument("--profile", action="store_true", help="split 10 extra steps' GPU time by kernel category")
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every setting (after --)")
     args = parser.parse_args()
@@ -102,7 +114,15 @@ def main() -> None:
     rows = []
     for setting in args.settings:  # the file is rewritten after each setting, so a cut-off run keeps its rows
         rows.append(
-            run_setting(setting, args.gpus, args.steps, args.every_k, out / "scaling_runs" / setting, args.overrides)
+            run_setting(
+                setting,
+                args.gpus,
+                args.steps,
+                args.every_k,
+                out / "scaling_runs" / setting,
+                args.overrides,
+                args.profile,
+            )
         )
         write(out, args, rows)
     single = next((r["per_gpu"] for r in rows if r["setting"] == "1gpu" and "error" not in r), None)
@@ -135,6 +155,10 @@ def main() -> None:
             continue
         cells = [f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols]
         print("| " + " | ".join(cells) + " |")
+    if args.profile:
+        for row in rows:
+            if row.get("profile"):
+                print(row["setting"], json.dumps(row["profile"]))
 
 
 if __name__ == "__main__":

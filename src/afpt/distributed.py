@@ -55,12 +55,15 @@ class FSDP2Strategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` as pure FSDP2: every process is one data-parallel shard (no tensor parallelism).
 
     ``CausalLMModule.configure_model`` applies ``fully_shard`` to each decoder layer and to the model.
+    ``reshard_after_forward=False`` keeps each layer's gathered parameters from the forward to the
+    backward pass (ZeRO-2-like: one all-gather per layer and step instead of two, more memory).
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, reshard_after_forward: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("data_parallel_size", "auto")
         kwargs.setdefault("tensor_parallel_size", 1)
         super().__init__(**kwargs)
+        self.reshard_after_forward = reshard_after_forward
 
     def setup_environment(self) -> None:
         """Use all processes of all nodes for data parallelism."""
@@ -83,13 +86,13 @@ def layout(trainer: Trainer | None) -> str:
     return "replicated"
 
 
-def fully_shard_model(model: nn.Module, mesh: Any, bf16: bool) -> None:
+def fully_shard_model(model: nn.Module, mesh: Any, bf16: bool, reshard_after_forward: bool = True) -> None:
     """Apply FSDP2's ``fully_shard`` to each decoder layer (the model's ``_no_split_modules``), then the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     names = set(getattr(model, "_no_split_modules", None) or DEFAULT_LAYERS)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, **({"mp_policy": policy} if policy else {})}
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise AfptError(f"fsdp2: no decoder layers found in {type(model).__name__} (looked for {sorted(names)})")

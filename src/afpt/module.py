@@ -124,7 +124,8 @@ class CausalLMModule(pl.LightningModule):
         if self.device_mesh is not None and not getattr(self, "_sharded", False):
             # ModelParallelStrategy (trainer=fsdp2): FSDP2 shards over the data-parallel mesh dimension.
             bf16 = str(self.trainer.precision) == "bf16-mixed"
-            fully_shard_model(self.model, self.device_mesh["data_parallel"], bf16=bf16)
+            reshard = getattr(self.trainer.strategy, "reshard_after_forward", True)
+            fully_shard_model(self.model, self.device_mesh["data_parallel"], bf16, reshard)
             self._sharded = True
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # The fused loss calls the decoder body directly, so that is what gets compiled.

@@ -135,9 +135,10 @@ class KernelBreakdown(Callback):
     """Profile ``steps`` optimizer steps from ``start_step`` and split GPU time by kernel category.
 
     Writes ``profile.json`` (and ``profile_trace.json``, a Chrome trace, with ``trace=True``) to
-    ``dirpath``: wall time of the window, per-category kernel time, GPU idle time (wall minus
-    kernel time on one stream), and the host's gap between batches (data loading and hooks).
-    On CPU the categories hold the operators' own CPU time instead of kernel time.
+    ``dirpath``: wall time of the window, per-category kernel time, GPU idle time (wall
+    time covered by no kernel on any stream), and the host's gap between batches (data loading and
+    hooks). Kernels on different streams overlap (communication with compute), so the categories
+    can add up to more than the wall time. On CPU the categories hold the operators' own CPU time.
     """
 
     def __init__(self, dirpath: str, start_step: int = 50, steps: int = 10, trace: bool = False) -> None:
@@ -172,21 +173,13 @@ class KernelBreakdown(Callback):
         TokenThroughput._sync(pl_module)
         wall_ms = 1000 * (time.perf_counter() - self._start)
         self._profiler.__exit__(None, None, None)
-        cuda = pl_module.device.type == "cuda"
-        categories: dict[str, float] = {}
-        for event in self._profiler.key_averages():
-            if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            micros = event.self_device_time_total if cuda else event.self_cpu_time_total
-            if micros > 0:
-                cat = kernel_category(event.key)
-                categories[cat] = categories.get(cat, 0.0) + micros / 1000
-        busy = sum(categories.values())
+        categories, busy = self._categories(pl_module.device.type == "cuda", wall_ms)
         self.result = {
             "steps": self.steps,
             "wall_ms_per_step": wall_ms / self.steps,
             "kernel_ms_per_step": {k: v / self.steps for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
             "idle_ms_per_step": max(wall_ms - busy, 0.0) / self.steps,
+            "busy_ms_per_step": busy / self.steps,
             "host_gap_ms_per_batch": 1000 * sum(self._gaps) / max(len(self._gaps), 1),
         }
         if trainer.is_global_zero:
@@ -198,3 +191,28 @@ class KernelBreakdown(Callback):
             if self.trace:
                 self._profiler.export_chrome_trace(str(out / "profile_trace.json"))
         self._profiler = None
+
+    def _categories(self, cuda: bool, wall_ms: float) -> tuple[dict[str, float], float]:
+        """Milliseconds per category, and busy time: the union of kernel intervals (streams overlap)."""
+        categories: dict[str, float] = {}
+        if not cuda:  # operators' own CPU time; they do not overlap
+            for event in self._profiler.key_averages():
+                if event.self_cpu_time_total > 0:
+                    cat = kernel_category(event.key)
+                    categories[cat] = categories.get(cat, 0.0) + event.self_cpu_time_total / 1000
+            return categories, min(sum(categories.values()), wall_ms)
+        intervals = []
+        for event in self._profiler.events():
+            if event.device_type != torch.autograd.DeviceType.CUDA or event.is_user_annotation:
+                continue
+            start, end = event.time_range.start, event.time_range.end
+            if end > start:
+                cat = kernel_category(event.name)
+                categories[cat] = categories.get(cat, 0.0) + (end - start) / 1000
+                intervals.append((start, end))
+        busy, reach = 0.0, float("-inf")
+        for start, end in sorted(intervals):
+            if end > reach:
+                busy += end - max(start, reach)
+                reach = end
+        return categories, busy / 1000

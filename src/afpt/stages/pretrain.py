@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from afpt.data import CorpusDataModule, atomic_save
-from afpt.distributed import full_state_dict
+from afpt.distributed import full_state_dict, layout
 from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model
 from afpt.module import CausalLMModule
 from afpt.plots import plot_loss_with_resets, read_metric_csv
@@ -54,7 +54,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - start
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    if layout(trainer) != "fsdp":
+        # Lightning's FSDP (v1) cannot validate after fit (the root parameters stay sharded); its
+        # metrics come from the validation at the end of fit.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
 
     metrics: dict[str, Any] = {
         "stage": "pretrain",
