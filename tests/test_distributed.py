@@ -6,6 +6,7 @@ Lightning's FSDP (v1) strategy needs CUDA; it is checked on the GPU machine by
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,7 +51,38 @@ def test_every_rank_holds_the_seeded_embedding_and_zero_state_after_each_reset(t
         assert torch.load(tmp_path / f"history{rank}.pt", weights_only=True)["verified"] == [True, True]
 
 
+@pytest.mark.slow
 def test_check_sync_catches_ranks_that_draw_different_values(tmp_path):
     result = run_worker(tmp_path, "fsdp2", "mismatch")
     assert result.returncode != 0
     assert "ranks disagree after an embedding reset" in result.stderr
+
+
+@pytest.mark.slow
+def test_pretrain_stage_under_fsdp2_saves_the_full_model_and_resumes(tmp_path):
+    """The real CLI on two CPU processes: resets verified, one full safetensors model, and a resume."""
+    from afpt.models import load_model
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "afpt", "stage=pretrain", "model=tiny", "trainer=fsdp2", "trainer.accelerator=cpu"]
+    base += ["trainer.precision=32-true", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
+    base += ["forgetting.every_n_steps=2", "forgetting.check_sync=true", "logger=none", f"paths.run_dir={run}"]
+    first = subprocess.run([*base, "trainer.max_steps=4"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [(r["step"], r["verify_ms"] is not None) for r in metrics["resets"]] == [(2, True)]
+    model = load_model(run / "model")
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    embedding = model.get_input_embeddings().weight
+    assert embedding.shape == checkpoint["model.model.embed_tokens.weight"].shape == (4096, 128)
+    assert torch.equal(embedding, checkpoint["model.model.embed_tokens.weight"])
+
+    resumed = subprocess.run(
+        [*base, "trainer.max_steps=6", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r["step"] for r in json.loads((run / "metrics.json").read_text())["resets"]]
+    assert steps == [2, 4]

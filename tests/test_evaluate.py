@@ -251,6 +251,7 @@ def test_empty_task_file_and_empty_heldout_file_are_refused(base_model, tmp_path
         )
 
 
+@pytest.mark.slow
 def test_paper_config_names_only_tasks_lm_eval_knows(tmp_path):
     from afpt.harness import check_tasks, parse_tasks, task_manager
 

@@ -10,6 +10,7 @@ from conftest import fit, tiny_llama
 from lightning.pytorch import Callback
 
 from afpt import CausalLMModule
+from afpt.module import activation_checkpointing_on
 from afpt.distributed import fsdp_strategy
 from afpt.errors import AfptError
 from afpt.stages.common import build_trainer
@@ -24,7 +25,7 @@ def gradients_after_one_step(activation_checkpointing: bool) -> dict[str, torch.
             grads.update({n: p.grad.clone() for n, p in pl_module.model.named_parameters()})
 
     fit(module, [Grab()], max_steps=1)
-    assert module.model.is_gradient_checkpointing == activation_checkpointing
+    assert activation_checkpointing_on(module.model) == activation_checkpointing
     return grads
 
 

@@ -42,7 +42,6 @@ def _mtimes(study: Path) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime for p in study.glob("*/metrics.json")}
 
 
-@pytest.mark.slow
 def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     study = tmp_path / "study"
     cfg = compose_config(study, [*FAST_STUDY])
@@ -85,6 +84,7 @@ def test_pipeline_needs_forgetting_to_compare(tmp_path):
         pipeline.run(compose_config(tmp_path, ["stage=pipeline", "forgetting=none"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", sorted(p.stem for p in (Path(__file__).parents[1] / "src/afpt/conf/experiment").glob("*.yaml"))
 )

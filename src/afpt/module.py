@@ -28,6 +28,13 @@ SDPA_BACKENDS = {
 }
 
 
+def activation_checkpointing_on(model: PreTrainedModel) -> bool:
+    """Whether the model recomputes activations (the attribute's name changed in transformers 5.2x)."""
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
+
+
 class CausalLMModule(pl.LightningModule):
     """Next-token training of a Hugging Face decoder, with the embeddings in their own param group.
 
@@ -115,8 +122,8 @@ class CausalLMModule(pl.LightningModule):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             self._fused_ce = LigerFusedLinearCrossEntropyLoss()
-        if self.hparams.activation_checkpointing and not self.model.is_gradient_checkpointing:
-            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+        if self.hparams.activation_checkpointing and not activation_checkpointing_on(self.model):
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # newer transformers
             if enable is not None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
