@@ -10,9 +10,9 @@ from conftest import fit, tiny_llama
 from lightning.pytorch import Callback
 
 from afpt import CausalLMModule
-from afpt.module import activation_checkpointing_on
 from afpt.distributed import fsdp_strategy
 from afpt.errors import AfptError
+from afpt.module import activation_checkpointing_on
 from afpt.stages.common import build_trainer
 
 
