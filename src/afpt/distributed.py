@@ -86,17 +86,22 @@ def layout(trainer: Trainer | None) -> str:
     return "replicated"
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers: modules whose class is in its ``_no_split_modules`` (or afpt's known ones)."""
+    names = set(getattr(model, "_no_split_modules", None) or DEFAULT_LAYERS)
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise AfptError(f"no decoder layers found in {type(model).__name__} (looked for {sorted(names)})")
+    return layers
+
+
 def fully_shard_model(model: nn.Module, mesh: Any, bf16: bool, reshard_after_forward: bool = True) -> None:
     """Apply FSDP2's ``fully_shard`` to each decoder layer (the model's ``_no_split_modules``), then the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    names = set(getattr(model, "_no_split_modules", None) or DEFAULT_LAYERS)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, **({"mp_policy": policy} if policy else {})}
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise AfptError(f"fsdp2: no decoder layers found in {type(model).__name__} (looked for {sorted(names)})")
-    for layer in layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
 
