@@ -220,6 +220,10 @@ def test_adapt_refuses_a_model_without_tokenizer_and_an_empty_corpus(tmp_path):
             )
         )
     assert not (tmp_path / "b" / "model").exists()
+    sharded = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+    with pytest.raises(AfptError, match="stage=adapt runs on one device or under DDP"):
+        adapt.run(compose_config(tmp_path / "c", ["stage=adapt", f"init_from={base_dir / 'model'}", *sharded]))
+    assert not (tmp_path / "c" / "model").exists()
 
 
 def test_adapt_resume_matches_an_uninterrupted_run(tmp_path):

@@ -22,7 +22,7 @@ from afpt.initializers import INITIALIZERS, init_new_rows
 from afpt.models import ModelConfig, build_model, check_model_dir, load_model, padded_vocab
 from afpt.module import CausalLMModule
 from afpt.plots import plot_curves, read_metric_csv
-from afpt.stages.common import build_trainer, check_ckpt_path, to_dict, write_json
+from afpt.stages.common import build_trainer, check_ckpt_path, require_replicated, to_dict, write_json
 from afpt.vocab import canonical_token, is_byte_level, merge_tokenizers, train_language_tokenizer
 
 POLICIES = ("new_rows_and_head", "embeddings", "full")
@@ -234,6 +234,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg_trainer.trainer.max_steps = max_steps
     cfg_trainer.trainer.val_check_interval = max(1, min(max_steps, a.val_every_n_steps))
     trainer = build_trainer(cfg_trainer, run_dir, [])
+    require_replicated(trainer, "adapt")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - start

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from afpt.distributed import layout
 from afpt.errors import AfptError
 from afpt.forgetting import ActiveForgetting
 
@@ -62,6 +63,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
         )
     except TypeError as err:
         raise AfptError(f"trainer: {err}") from err
+
+
+def require_replicated(trainer: pl.Trainer, stage: str) -> None:
+    """Refuse sharded strategies in stages that evaluate and save the model whole after ``fit``."""
+    if layout(trainer) != "replicated":
+        raise AfptError(
+            f"stage={stage} runs on one device or under DDP (trainer=gpu, trainer=ddp): "
+            f"{type(trainer.strategy).__name__} shards the model, and this stage evaluates and saves it whole"
+        )
 
 
 def write_json(data: dict[str, Any], path: Path) -> Path:

@@ -25,7 +25,7 @@ from afpt.data import DataError, atomic_save, load_tokenizer, world_from_config
 from afpt.errors import AfptError
 from afpt.models import check_model_dir, load_model
 from afpt.module import CausalLMModule
-from afpt.stages.common import build_trainer, check_ckpt_path, to_dict, write_json
+from afpt.stages.common import build_trainer, check_ckpt_path, require_replicated, to_dict, write_json
 
 OVERFLOW = ("skip", "truncate")
 
@@ -156,6 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg_trainer.trainer.check_val_every_n_epoch = 1 if val else None
         cfg_trainer.trainer.limit_val_batches = 1.0 if val else 0
     trainer = build_trainer(cfg_trainer, run_dir, [])
+    require_replicated(trainer, "instruct")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     after = answer_metrics(model, tokenizer, eval_convs) if eval_convs else {}
