@@ -9,7 +9,8 @@ torch.compile graph counts. Writes the rows as JSON to ``--out`` (default: $OUT 
 
 A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`` (optim.loss=
 fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true), ``cudnn`` /
-``flash`` / ``efficient`` (optim.sdpa_backend), ``ckpt`` (optim.activation_checkpointing).
+``flash`` / ``efficient`` (optim.sdpa_backend), ``ckpt`` (optim.activation_checkpointing),
+``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs).
 ``--profile`` adds ``afpt.throughput.KernelBreakdown`` and splits the GPU time of 10 extra steps, run
 after the measured ones, by kernel category (attention, matmul, loss, optimizer, other, idle).
 """
@@ -66,6 +67,8 @@ def run_variant(
         *(["trainer.precision=bf16-true"] if "bf16true" in flags else []),
         *[f"optim.sdpa_backend={f}" for f in flags if f in SDPA],
         *(["optim.activation_checkpointing=true"] if "ckpt" in flags else []),
+        *(["optim.compile_mode=reduce-overhead"] if "cudagraphs" in flags else []),
+        *(["optim.compile_mode=max-autotune-no-cudagraphs"] if "autotune" in flags else []),
         *extra,
     ]
     GlobalHydra.instance().clear()

@@ -54,6 +54,11 @@ def test_unknown_sdpa_backend_is_refused():
         CausalLMModule(tiny_llama(tied=True), sdpa_backend="flash3")
 
 
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(AfptError, match="optim.compile_mode must be one of"):
+        CausalLMModule(tiny_llama(tied=True), compile=True, compile_mode="fastest")
+
+
 def test_fsdp_without_original_parameters_is_refused():
     with pytest.raises(AfptError, match="use_orig_params=false is not supported"):
         fsdp_strategy(use_orig_params=False)

@@ -20,6 +20,7 @@ from afpt.models import ModelConfig, build_model, load_model
 from afpt.schedule import DECAYS, lr_factor
 
 LOSSES = ("hf", "fused_linear_ce")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -53,6 +54,8 @@ class CausalLMModule(pl.LightningModule):
         fused: fused AdamW; ``None`` uses it on CUDA.
         compile: ``torch.compile`` the model in place (state-dict keys unchanged); under FSDP2 the
             whole model too (measured faster than compiling each layer before sharding).
+        compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs),
+            ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         grad_clip: max global gradient norm, applied by the module (Lightning's own
             ``gradient_clip_val`` refuses fused optimizers); ``None`` turns clipping off.
         loss: ``hf`` (the model's own loss on full logits) or ``fused_linear_ce`` (liger-kernel's fused
@@ -78,6 +81,7 @@ class CausalLMModule(pl.LightningModule):
         total_steps: int | None = None,
         fused: bool | None = None,
         compile: bool = False,
+        compile_mode: str = "default",
         grad_clip: float | None = 1.0,
         loss: str = "hf",
         sdpa_backend: str | None = None,
@@ -88,6 +92,8 @@ class CausalLMModule(pl.LightningModule):
             raise AfptError(f"optim.loss must be one of {LOSSES}, got {loss!r}")
         if loss == "fused_linear_ce" and importlib.util.find_spec("liger_kernel") is None:
             raise AfptError("optim.loss=fused_linear_ce needs liger-kernel (CUDA only): pip install liger-kernel")
+        if compile_mode not in COMPILE_MODES:
+            raise AfptError(f"optim.compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         if sdpa_backend is not None and sdpa_backend not in SDPA_BACKENDS:
             raise AfptError(f"optim.sdpa_backend must be null or one of {sorted(SDPA_BACKENDS)}, got {sdpa_backend!r}")
         if decay not in DECAYS:
@@ -137,7 +143,8 @@ class CausalLMModule(pl.LightningModule):
             self._sharded = True
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # The fused loss calls the decoder body directly, so that is what gets compiled.
-            (self.model.base_model if self.hparams.loss == "fused_linear_ce" else self.model).compile()
+            target = self.model.base_model if self.hparams.loss == "fused_linear_ce" else self.model
+            target.compile(mode=self.hparams.compile_mode)
             self._compiled = True
 
     def setup(self, stage: str) -> None:
@@ -183,8 +190,10 @@ class CausalLMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean next-token loss over the batch; logs loss and perplexity."""
         loss, _ = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/ppl", loss.detach().exp(), on_step=True, on_epoch=False)
+        # A copy: CUDA graphs (compile_mode=reduce-overhead) overwrite their outputs at the next replay.
+        logged = loss.detach().clone()
+        self.log("train/loss", logged, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/ppl", logged.exp(), on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
