@@ -68,14 +68,14 @@ class RandomTokens(Dataset):
         return {"input_ids": self.data[i]}
 
 
-def tiny_llama(tied: bool, vocab: int = 96) -> LlamaForCausalLM:
-    """A two-layer Llama with 96 tokens and a pad token (id 0)."""
+def tiny_llama(tied: bool, vocab: int = 96, layers: int = 1) -> LlamaForCausalLM:
+    """A small Llama (one layer by default) with 96 tokens and a pad token (id 0)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=32,
         tie_word_embeddings=tied,

@@ -1,4 +1,4 @@
-"""Run by test_ddp.py: two CPU processes (gloo) train with ActiveForgetting under DDP, FSDP or FSDP2.
+"""Run by test_distributed.py: two CPU processes (gloo) train with ActiveForgetting under DDP, FSDP or FSDP2.
 
 After each reset every rank saves the full embedding it sees (gathered through any sharding), its own
 shard of the embedding's optimizer state, and its shard of the embedding parameter.
@@ -12,11 +12,18 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from conftest import loader, tiny_llama
+from torch.distributed.fsdp import FSDPModule
 
 from afpt import ActiveForgetting, CausalLMModule
-from afpt.distributed import FSDP2Strategy, fsdp_strategy, full_parameters, full_value, local
+from afpt.distributed import FSDP2Strategy, ddp_strategy, fsdp_strategy, full_parameters, full_value, local
 
-STRATEGIES = {"ddp": lambda: "ddp", "fsdp": fsdp_strategy, "fsdp2": FSDP2Strategy}
+# DDP with bf16-compressed all-reduce in small buckets; FSDP2 with bf16 reduce-scatter and explicit
+# prefetching (its model is untied with two layers, so embedding and head are FSDP units of their own).
+STRATEGIES = {
+    "ddp": lambda: ddp_strategy(comm_hook="bf16", bucket_cap_mb=1, gradient_as_bucket_view=True),
+    "fsdp": fsdp_strategy,
+    "fsdp2": lambda: FSDP2Strategy(reduce_dtype="bfloat16", prefetch=1),
+}
 
 
 class SaveEmbeddingAfterReset(pl.Callback):
@@ -38,6 +45,8 @@ class SaveEmbeddingAfterReset(pl.Callback):
                     "shard_numel": local(weight).numel(),
                     "exp_avg": local(state["exp_avg"]).clone(),
                     "exp_avg_sq": local(state["exp_avg_sq"]).clone(),
+                    "fsdp_units": sorted(n for n, m in pl_module.model.named_modules() if isinstance(m, FSDPModule)),
+                    "comm_hook": getattr(getattr(trainer.strategy, "_ddp_comm_hook", None), "__name__", None),
                 },
                 self.out / f"rank{trainer.global_rank}_step{trainer.global_step}.pt",
             )
@@ -66,7 +75,8 @@ def main(out: Path, strategy: str, mismatch: bool) -> None:
         callbacks=[forgetting, SaveEmbeddingAfterReset(out, forgetting)],
     )
     # Ranks stay equal only if every rank drew the same values and wrote its own shard of them.
-    trainer.fit(CausalLMModule(tiny_llama(tied=True), lr=1e-2), train_dataloaders=loader())
+    model = tiny_llama(tied=True) if strategy == "ddp" else tiny_llama(tied=False, layers=2)
+    trainer.fit(CausalLMModule(model, lr=1e-2), train_dataloaders=loader())
     torch.save(
         {"verified": [h["verify_ms"] is not None for h in forgetting.history]}, out / f"history{trainer.global_rank}.pt"
     )

@@ -46,6 +46,11 @@ def test_every_rank_holds_the_seeded_embedding_and_zero_state_after_each_reset(t
             assert torch.count_nonzero(saved["exp_avg"]) == 0 and torch.count_nonzero(saved["exp_avg_sq"]) == 0
             # FSDP2 keeps half of the 96 x 32 embedding per rank; DDP the whole of it.
             assert saved["shard_numel"] == (96 * 32 if strategy == "ddp" else 96 * 32 // 2)
+            if strategy == "ddp":  # trainer.strategy.comm_hook=bf16
+                assert saved["comm_hook"] == "bf16_compress_hook" and saved["fsdp_units"] == []
+            else:  # untied: the embedding and the head are FSDP units of their own, next to each layer
+                units = ["", "lm_head", "model.embed_tokens", "model.layers.0", "model.layers.1"]
+                assert saved["fsdp_units"] == units and saved["comm_hook"] is None
     assert sorted(p.name for p in tmp_path.glob("rank*.pt")) == [f"rank{r}_step{s}.pt" for r in (0, 1) for s in (2, 4)]
     for rank in (0, 1):
         assert torch.load(tmp_path / f"history{rank}.pt", weights_only=True)["verified"] == [True, True]

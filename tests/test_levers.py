@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import fit, tiny_llama
+from conftest import compose_config, fit, tiny_llama
 from lightning.pytorch import Callback
 
 from afpt import CausalLMModule
@@ -69,6 +69,35 @@ def test_a_strategy_that_cannot_be_built_names_its_target(tmp_path):
 
     cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "strategy": {"_target_": "afpt.distributed.nope"}}})
     with pytest.raises(AfptError, match="trainer.strategy: cannot build 'afpt.distributed.nope'"):
+        build_trainer(cfg, tmp_path, [])
+
+
+def test_shipped_ddp_and_fsdp2_configs_build_their_strategies(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from afpt.distributed import FSDP2Strategy
+
+    cfg = compose_config(tmp_path, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy.comm_hook=bf16"])
+    strategy = build_trainer(cfg, tmp_path, []).strategy
+    assert isinstance(strategy, DDPStrategy) and strategy._ddp_comm_hook.__name__ == "bf16_compress_hook"
+    assert strategy._ddp_kwargs == {"bucket_cap_mb": 25, "gradient_as_bucket_view": True}
+    cfg = compose_config(tmp_path, ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.strategy.prefetch=2"])
+    strategy = build_trainer(cfg, tmp_path, []).strategy
+    assert isinstance(strategy, FSDP2Strategy)
+    assert strategy.shard_options == {"reshard_after_forward": True, "reduce_dtype": "float32", "prefetch": 2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer=ddp", "trainer.strategy.comm_hook=int8"], "trainer.strategy.comm_hook must be null or one of"),
+        (["trainer=fsdp2", "trainer.strategy.reduce_dtype=fp8"], "trainer.strategy.reduce_dtype must be one of"),
+        (["trainer=fsdp2", "trainer.strategy.prefetch=-1"], "trainer.strategy.prefetch must be a non-negative"),
+    ],
+)
+def test_bad_strategy_options_are_refused_by_name(tmp_path, overrides, message):
+    cfg = compose_config(tmp_path, [*overrides, "trainer.accelerator=cpu"])
+    with pytest.raises(AfptError, match=message):
         build_trainer(cfg, tmp_path, [])
 
 

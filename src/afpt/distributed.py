@@ -17,13 +17,35 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from afpt.errors import AfptError
 
 # Decoder-layer classes of the families afpt builds; each becomes its own FSDP unit.
 DEFAULT_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "GPT2Block")
+
+
+# Gradient compression for DDP's all-reduce (``torch.distributed.algorithms.ddp_comm_hooks``).
+COMM_HOOKS = ("bf16", "fp16")
+REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def ddp_strategy(comm_hook: str | None = None, **kwargs: Any) -> DDPStrategy:
+    """Lightning's ``DDPStrategy``; ``comm_hook`` (``bf16`` or ``fp16``) all-reduces compressed gradients.
+
+    Other keyword arguments go to ``DDPStrategy`` and from there to ``DistributedDataParallel``
+    (``bucket_cap_mb``, ``gradient_as_bucket_view``, ``find_unused_parameters``, ``static_graph``...).
+    Under ``torch.compile`` the graph is split at bucket boundaries, so ``bucket_cap_mb`` also sets
+    how many compiled graphs the model has.
+    """
+    if comm_hook is not None:
+        if comm_hook not in COMM_HOOKS:
+            raise AfptError(f"trainer.strategy.comm_hook must be null or one of {COMM_HOOKS}, got {comm_hook!r}")
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        kwargs["ddp_comm_hook"] = getattr(default_hooks, f"{comm_hook}_compress_hook")
+    return DDPStrategy(**kwargs)
 
 
 def _wrap_by_name(module: nn.Module, recurse: bool, nonwrapped_numel: int, names: frozenset[str]) -> bool:
@@ -54,16 +76,31 @@ def fsdp_strategy(
 class FSDP2Strategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` as pure FSDP2: every process is one data-parallel shard (no tensor parallelism).
 
-    ``CausalLMModule.configure_model`` applies ``fully_shard`` to each decoder layer and to the model.
-    ``reshard_after_forward=False`` keeps each layer's gathered parameters from the forward to the
-    backward pass (ZeRO-2-like: one all-gather per layer and step instead of two, more memory).
+    ``CausalLMModule.configure_model`` applies ``fully_shard`` (see ``fully_shard_model``) with:
+
+    - ``reshard_after_forward=False``: keep each layer's gathered parameters from the forward to the
+      backward pass (ZeRO-2-like: one all-gather per layer and step instead of two, more memory);
+    - ``reduce_dtype``: ``float32`` or ``bfloat16`` gradient reduce-scatter (bf16 halves the traffic);
+    - ``prefetch``: all-gather this many layers ahead explicitly (0: FSDP2's implicit prefetching).
     """
 
-    def __init__(self, reshard_after_forward: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, reshard_after_forward: bool = True, reduce_dtype: str = "float32", prefetch: int = 0, **kwargs: Any
+    ) -> None:
+        if reduce_dtype not in REDUCE_DTYPES:
+            raise AfptError(
+                f"trainer.strategy.reduce_dtype must be one of {sorted(REDUCE_DTYPES)}, got {reduce_dtype!r}"
+            )
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise AfptError(f"trainer.strategy.prefetch must be a non-negative integer, got {prefetch!r}")
         kwargs.setdefault("data_parallel_size", "auto")
         kwargs.setdefault("tensor_parallel_size", 1)
         super().__init__(**kwargs)
-        self.reshard_after_forward = reshard_after_forward
+        self.shard_options = {
+            "reshard_after_forward": reshard_after_forward,
+            "reduce_dtype": reduce_dtype,
+            "prefetch": prefetch,
+        }
 
     def setup_environment(self) -> None:
         """Use all processes of all nodes for data parallelism."""
@@ -95,15 +132,42 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def fully_shard_model(model: nn.Module, mesh: Any, bf16: bool, reshard_after_forward: bool = True) -> None:
-    """Apply FSDP2's ``fully_shard`` to each decoder layer (the model's ``_no_split_modules``), then the root."""
+def fully_shard_model(
+    model: nn.Module,
+    mesh: Any,
+    bf16: bool,
+    reshard_after_forward: bool = True,
+    reduce_dtype: str = "float32",
+    prefetch: int = 0,
+) -> None:
+    """Apply FSDP2's ``fully_shard`` to each decoder layer (the model's ``_no_split_modules``), then the root.
+
+    An untied input embedding and head become units of their own (so the head's gradients are
+    reduce-scattered while the layers' backward runs); a tied pair stays in the root unit. The head
+    unit is not resharded after forward: the backward pass starts with it. See ``FSDP2Strategy``
+    for ``reduce_dtype`` and ``prefetch``.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, **({"mp_policy": policy} if policy else {})}
-    for layer in decoder_layers(model):
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if bf16 or reduce_dtype != "float32":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=REDUCE_DTYPES[reduce_dtype]
+        )
+    layers = decoder_layers(model)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = head is not None and embedding is not None and head.weight is not embedding.weight
+    if untied:
+        fully_shard(embedding, **kwargs)
+    for layer in layers:
         fully_shard(layer, **kwargs)
+    if untied:
+        fully_shard(head, **{**kwargs, "reshard_after_forward": False})
     fully_shard(model, **kwargs)
+    for i, layer in enumerate(layers[:-1] if prefetch else []):
+        layer.set_modules_to_forward_prefetch(layers[i + 1 : i + 1 + prefetch])
+    for i, layer in enumerate(layers[1:] if prefetch else [], start=1):
+        layer.set_modules_to_backward_prefetch(layers[max(0, i - prefetch) : i][::-1])
 
 
 @contextlib.contextmanager

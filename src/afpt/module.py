@@ -138,8 +138,8 @@ class CausalLMModule(pl.LightningModule):
         if self.device_mesh is not None and not getattr(self, "_sharded", False):
             # ModelParallelStrategy (trainer=fsdp2): FSDP2 shards over the data-parallel mesh dimension.
             bf16 = str(self.trainer.precision) == "bf16-mixed"
-            reshard = getattr(self.trainer.strategy, "reshard_after_forward", True)
-            fully_shard_model(self.model, self.device_mesh["data_parallel"], bf16, reshard)
+            options = getattr(self.trainer.strategy, "shard_options", {})
+            fully_shard_model(self.model, self.device_mesh["data_parallel"], bf16, **options)
             self._sharded = True
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # The fused loss calls the decoder body directly, so that is what gets compiled.
@@ -204,17 +204,19 @@ class CausalLMModule(pl.LightningModule):
         self.val_loss.update(loss.detach(), weight=n_tokens)
 
     def on_validation_epoch_end(self) -> None:
-        """Log loss and perplexity per language and over all validation tokens."""
+        """Log loss and perplexity per language and over all validation tokens (of all ranks)."""
+        # compute() already reduces over ranks, so sync_dist averages equal values: it only tells
+        # Lightning that the logged value is global.
         for name, metric in self.val_loss_per_language.items():
             if metric.update_called:
                 value = metric.compute()
-                self.log(f"val/loss/{name}", value)
-                self.log(f"val/ppl/{name}", value.exp())
+                self.log(f"val/loss/{name}", value, sync_dist=True)
+                self.log(f"val/ppl/{name}", value.exp(), sync_dist=True)
             metric.reset()
         if self.val_loss.update_called:
             value = self.val_loss.compute()
-            self.log("val/loss", value, prog_bar=True)
-            self.log("val/ppl", value.exp())
+            self.log("val/loss", value, prog_bar=True, sync_dist=True)
+            self.log("val/ppl", value.exp(), sync_dist=True)
         self.val_loss.reset()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
