@@ -7,6 +7,9 @@ and the run fails otherwise. Prints a table (throughput per GPU against one GPU,
 recompiles) and writes it as JSON under ``--out`` (default: $OUT or benchmarks/).
 
     python benchmarks/scaling.py --gpus 2 --settings 1gpu ddp fsdp fsdp2 -- model=llama_124m optim.compile=true
+
+A setting may carry its own overrides after colons, e.g. ``ddp:trainer.strategy.comm_hook=bf16`` or
+``fsdp2:trainer.strategy.prefetch=1:trainer.strategy.reduce_dtype=bfloat16``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 DEVICE = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 SETTINGS = {
     "1gpu": ["trainer=gpu", "trainer.devices=1"],
-    "ddp": ["trainer=gpu", "trainer.strategy=ddp"],
+    "ddp": ["trainer=ddp"],
     "fsdp": ["trainer=fsdp"],
     "fsdp2": ["trainer=fsdp2"],
 }
@@ -33,7 +36,8 @@ SETTINGS = {
 def run_setting(
     name: str, gpus: int, steps: int, every_k: int, run_dir: Path, extra: list[str], profile: bool = False
 ) -> dict:
-    devices = 1 if name == "1gpu" else gpus
+    base, *own = name.split(":")
+    devices = 1 if base == "1gpu" else gpus
     # The profiled steps come after the measured ones, so the profiler slows no throughput window.
     profiling = [
         "+callbacks.profile._target_=afpt.throughput.KernelBreakdown",
@@ -46,7 +50,7 @@ def run_setting(
         "-m",
         "afpt",
         "stage=pretrain",
-        *SETTINGS[name],
+        *SETTINGS[base],
         f"trainer.devices={devices}",
         f"trainer.max_steps={steps + 12 if profile else steps}",
         f"trainer.val_check_interval={steps}",
@@ -65,11 +69,12 @@ def run_setting(
         f"paths.run_dir={run_dir}",
         *(profiling if profile else []),
         *extra,
+        *own,
     ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    (run_dir.parent / f"{name}.log").write_text(result.stdout[-20000:] + result.stderr[-20000:])
+    (run_dir.parent / f"{run_dir.name}.log").write_text(result.stdout[-20000:] + result.stderr[-20000:])
     if result.returncode != 0:
         return {"setting": name, "gpus": devices, "error": result.stderr[-1500:], "wall_s": wall}
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -94,6 +99,13 @@ def run_setting(
     }
 
 
+def parse_setting(text: str) -> str:
+    """A setting name (``1gpu``, ``ddp``, ``fsdp``, ``fsdp2``), optionally with ``:``-separated overrides."""
+    if text.split(":")[0] not in SETTINGS:
+        raise argparse.ArgumentTypeError(f"setting {text!r} must start with one of {list(SETTINGS)}")
+    return text
+
+
 def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     """Record the rows measured so far, with the device, date and arguments."""
     record = {"device": DEVICE, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}
@@ -102,7 +114,7 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), type=parse_setting)
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every-k", type=int, default=50)
@@ -119,13 +131,13 @@ def main() -> None:
                 args.gpus,
                 args.steps,
                 args.every_k,
-                out / "scaling_runs" / setting,
+                out / "scaling_runs" / setting.replace(":", "_").replace("=", "-").replace("/", "-"),
                 args.overrides,
                 args.profile,
             )
         )
         write(out, args, rows)
-    single = next((r["per_gpu"] for r in rows if r["setting"] == "1gpu" and "error" not in r), None)
+    single = next((r["per_gpu"] for r in rows if r["setting"].startswith("1gpu") and "error" not in r), None)
     for row in rows:
         if single and "error" not in row:
             row["per_gpu_vs_1gpu_pct"] = 100 * row["per_gpu"] / single

@@ -121,15 +121,18 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every variant")
     args = parser.parse_args()
-    rows = [
-        run_variant(v, args.steps, args.batch, args.seq, args.every_k, args.overrides, args.profile)
-        for v in args.variants
-    ]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out = Path(args.out) / "throughput.json"
-    out.write_text(
-        json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}, indent=2)
-    )
+    rows = []
+    for variant in args.variants:  # the file is rewritten after each variant, so a cut-off run keeps its rows
+        try:
+            rows.append(
+                run_variant(variant, args.steps, args.batch, args.seq, args.every_k, args.overrides, args.profile)
+            )
+        except Exception as err:  # a failing lever (out of memory, a compile error) must not lose the others
+            rows.append({"variant": variant, "error": f"{type(err).__name__}: {err}"[-1500:]})
+        record = {"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}
+        out.write_text(json.dumps(record, indent=2))
     cols = [
         "variant",
         "params_M",
@@ -148,10 +151,13 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
+        if "error" in row:
+            print(f"| {row['variant']} | failed: {row['error'][-300:]!r} |")
+            continue
         cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols]
         print("| " + " | ".join(cells) + " |")
     if args.profile:
-        print_profiles(rows)
+        print_profiles([row for row in rows if "error" not in row])
 
 
 def print_profiles(rows: list[dict]) -> None:
