@@ -93,6 +93,7 @@ def run_setting(
         "reset_ms_max": max((r["duration_ms"] for r in resets), default=0.0),
         "reset_overhead_pct": 100 * sum(r["duration_ms"] for r in resets) / 1000 / metrics["train_time_s"],
         "recompiles_after_warmup": perf.get("recompiles_after_warmup"),
+        "recompile_limit_hits": perf.get("recompile_limit_hits"),
         "val_loss": metrics.get("val/loss"),
         "wall_s": wall,
         "profile": json.loads((run_dir / "profile.json").read_text()) if profile else None,
@@ -156,6 +157,7 @@ def main() -> None:
         "reset_ms_max",
         "reset_overhead_pct",
         "recompiles_after_warmup",
+        "recompile_limit_hits",
         "val_loss",
     ]
     print(f"device: {DEVICE} x {args.gpus}, {args.steps} steps, K={args.every_k}, overrides: {args.overrides}")

@@ -103,6 +103,7 @@ def run_variant(
         "reset_overhead_pct": 100 * sum(r["duration_ms"] for r in resets) / 1000 / train_time,
         "unique_graphs": counters["stats"]["unique_graphs"],
         "recompiles_after_warmup": metrics["throughput"].get("recompiles_after_warmup"),
+        "recompile_limit_hits": metrics["throughput"].get("recompile_limit_hits"),
         "graph_breaks": sum(counters["graph_break"].values()),
         "fit_s": train_time,
         "wall_s": wall,
@@ -145,6 +146,7 @@ def main() -> None:
         "reset_overhead_pct",
         "unique_graphs",
         "recompiles_after_warmup",
+        "recompile_limit_hits",
         "graph_breaks",
     ]
     print(f"device: {device}, batch {args.batch} x {args.seq}, {args.steps} steps, K={args.every_k}")

@@ -16,6 +16,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from afpt import ActiveForgetting, CausalLMModule
 from afpt.distributed import FSDP2Strategy, ddp_strategy, fsdp_strategy, full_parameters, full_value, local
+from afpt.throughput import compile_health
 
 # DDP with bf16-compressed all-reduce in small buckets; FSDP2 with bf16 reduce-scatter and explicit
 # prefetching (its model is untied with two layers, so embedding and head are FSDP units of their own).
@@ -60,8 +61,10 @@ class SeedPerRank(ActiveForgetting):
         self.seed = trainer.global_rank
 
 
-def main(out: Path, strategy: str, mismatch: bool) -> None:
+def main(out: Path, strategy: str, mismatch: bool, compile: bool) -> None:
     pl.seed_everything(0)
+    if compile:  # 4 layers against a limit of 2: each must still run compiled (afpt raises the limit)
+        torch._dynamo.config.recompile_limit = 2
     forgetting = (SeedPerRank if mismatch else ActiveForgetting)(every_n_steps=2, check_sync=True)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -75,12 +78,14 @@ def main(out: Path, strategy: str, mismatch: bool) -> None:
         callbacks=[forgetting, SaveEmbeddingAfterReset(out, forgetting)],
     )
     # Ranks stay equal only if every rank drew the same values and wrote its own shard of them.
-    model = tiny_llama(tied=True) if strategy == "ddp" else tiny_llama(tied=False, layers=2)
-    trainer.fit(CausalLMModule(model, lr=1e-2), train_dataloaders=loader())
+    model = tiny_llama(tied=True) if strategy == "ddp" else tiny_llama(tied=False, layers=4 if compile else 2)
+    trainer.fit(CausalLMModule(model, lr=1e-2, compile=compile), train_dataloaders=loader())
+    record = {"verified": [h["verify_ms"] is not None for h in forgetting.history], **compile_health()}
     torch.save(
-        {"verified": [h["verify_ms"] is not None for h in forgetting.history]}, out / f"history{trainer.global_rank}.pt"
+        {**record, "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]},
+        out / f"history{trainer.global_rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], mismatch=sys.argv[3:] == ["mismatch"])
+    main(Path(sys.argv[1]), sys.argv[2], mismatch="mismatch" in sys.argv[3:], compile="compile" in sys.argv[3:])

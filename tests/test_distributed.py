@@ -57,6 +57,17 @@ def test_every_rank_holds_the_seeded_embedding_and_zero_state_after_each_reset(t
 
 
 @pytest.mark.slow
+def test_compiled_fsdp2_compiles_every_layer_past_the_recompile_limit(tmp_path):
+    """FSDP2's hooks make torch.compile compile each layer as its own frame; none may fall back to eager."""
+    result = run_worker(tmp_path, "fsdp2", "compile")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        record = torch.load(tmp_path / f"history{rank}.pt", weights_only=True)
+        assert record["recompile_limit_hits"] == 0 and record["verified"] == [True, True]
+        assert record["graphs"] >= 4  # one graph per decoder layer at least
+
+
+@pytest.mark.slow
 def test_check_sync_catches_ranks_that_draw_different_values(tmp_path):
     result = run_worker(tmp_path, "fsdp2", "mismatch")
     assert result.returncode != 0

@@ -126,7 +126,8 @@ def layout(trainer: Trainer | None) -> str:
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's decoder layers: modules whose class is in its ``_no_split_modules`` (or afpt's known ones)."""
     names = set(getattr(model, "_no_split_modules", None) or DEFAULT_LAYERS)
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    # By class or base class: fully_shard turns LlamaDecoderLayer into a subclass FSDPLlamaDecoderLayer.
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
         raise AfptError(f"no decoder layers found in {type(model).__name__} (looked for {sorted(names)})")
     return layers

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from afpt.distributed import full_value, fully_shard_model, layout
+from afpt.distributed import decoder_layers, full_value, fully_shard_model, layout
 from afpt.errors import AfptError
 from afpt.models import ModelConfig, build_model, load_model
 from afpt.schedule import DECAYS, lr_factor
@@ -142,6 +142,13 @@ class CausalLMModule(pl.LightningModule):
             fully_shard_model(self.model, self.device_mesh["data_parallel"], bf16, **options)
             self._sharded = True
         if self.hparams.compile and not getattr(self, "_compiled", False):
+            if layout(self.trainer) != "replicated":
+                # FSDP's hooks break the graph inside the decoder's layer loop, so torch.compile runs that
+                # loop eagerly and compiles each layer as a frame of its own: one guarded entry per layer
+                # instance (and per grad mode, for validation). Past the recompile limit (default 8) the
+                # remaining layers would silently run uncompiled.
+                needed = 2 * len(decoder_layers(self.model)) + 8
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
             # The fused loss calls the decoder body directly, so that is what gets compiled.
             target = self.model.base_model if self.hparams.loss == "fused_linear_ce" else self.model
             target.compile(mode=self.hparams.compile_mode)

@@ -99,19 +99,28 @@ class TokenThroughput(Callback):
         self._start, self._start_step, self._tokens = time.perf_counter(), trainer.global_step, 0
 
     def summary(self) -> dict[str, float]:
-        """Means of the windows after the first (steady state; all windows if there is only one), and
-        ``recompiles_after_warmup``: graphs torch.compile built after the first window (resets included)."""
+        """Means of the windows after the first (steady state; all windows if there is only one),
+        ``recompiles_after_warmup`` (graphs torch.compile built after the first window, resets included),
+        and ``compile_health``'s counts."""
         steady = self.records[1:] or self.records
         keys = steady[0].keys() if steady else []
         out = {k: sum(r[k] for r in steady) / len(steady) for k in keys if k not in ("step", "compiled_graphs")}
         if self.records:
             out["recompiles_after_warmup"] = self.records[-1]["compiled_graphs"] - self.records[0]["compiled_graphs"]
-        return out
+        return {**out, **compile_health()}
 
     @staticmethod
     def _sync(pl_module: LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+def compile_health() -> dict[str, float]:
+    """torch.compile counts of this process: ``graph_breaks``, and ``recompile_limit_hits`` (frames that
+    hit dynamo's recompile limit and from then on run eagerly)."""
+    counters = torch._dynamo.utils.counters
+    hits = sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason.lower())
+    return {"graph_breaks": float(sum(counters["graph_break"].values())), "recompile_limit_hits": float(hits)}
 
 
 # Kernel-name fragments per category, matched in this order (lower case).
