@@ -71,6 +71,7 @@ def main(out: Path, strategy: str, mismatch: bool, compile: bool) -> None:
         devices=2,
         strategy=STRATEGIES[strategy](),
         max_steps=5,
+        limit_val_batches=2,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -79,7 +80,12 @@ def main(out: Path, strategy: str, mismatch: bool, compile: bool) -> None:
     )
     # Ranks stay equal only if every rank drew the same values and wrote its own shard of them.
     model = tiny_llama(tied=True) if strategy == "ddp" else tiny_llama(tied=False, layers=4 if compile else 2)
-    trainer.fit(CausalLMModule(model, lr=1e-2, compile=compile), train_dataloaders=loader())
+    # Compiled: validate too, so eval-mode graphs are built for every layer as well.
+    trainer.fit(
+        CausalLMModule(model, lr=1e-2, compile=compile),
+        train_dataloaders=loader(),
+        val_dataloaders=loader() if compile else None,
+    )
     record = {"verified": [h["verify_ms"] is not None for h in forgetting.history], **compile_health()}
     torch.save(
         {**record, "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]},

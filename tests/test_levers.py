@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config, fit, tiny_llama
+from conftest import compose_config, fit, loader, tiny_llama
 from lightning.pytorch import Callback
 
 from afpt import CausalLMModule
@@ -47,6 +47,17 @@ def test_sdpa_backend_is_pinned_for_the_whole_fit_and_released_after():
     fit(CausalLMModule(tiny_llama(tied=True), sdpa_backend="math"), [Flags()], max_steps=2)
     assert seen == [(True, False), (True, False)]
     assert torch.backends.cuda.flash_sdp_enabled() == before
+
+
+def test_training_and_validation_build_no_kv_cache():
+    """A cache is useless for a loss, and in eval mode it would give each compiled layer another variant."""
+    caches = []
+    module = CausalLMModule(tiny_llama(tied=True))
+    module.model.register_forward_hook(lambda mod, args, out: caches.append((mod.training, out.past_key_values)))
+    trainer = fit(module, [], max_steps=2)
+    trainer.validate(module, dataloaders=loader(), verbose=False)
+    assert [training for training, _ in caches] == [True, True] + [False] * len(loader())
+    assert all(cache is None for _, cache in caches)
 
 
 def test_unknown_sdpa_backend_is_refused():

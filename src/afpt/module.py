@@ -181,7 +181,7 @@ class CausalLMModule(pl.LightningModule):
         n_tokens = (labels[:, 1:] != -100).sum()
         if self.hparams.loss == "fused_linear_ce":
             hidden = self.model.base_model(
-                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
             ).last_hidden_state
             head = self.model.get_output_embeddings()
             loss = self._fused_ce(
@@ -191,7 +191,10 @@ class CausalLMModule(pl.LightningModule):
                 getattr(head, "bias", None),
             )
             return loss, n_tokens
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
+        # No KV cache: nothing is generated, and in eval mode a cache would add a compiled variant per layer.
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels, use_cache=False
+        )
         return out.loss, n_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
