@@ -50,7 +50,7 @@ def test_sdpa_backend_is_pinned_for_the_whole_fit_and_released_after():
 
 
 def test_training_and_validation_build_no_kv_cache():
-    """A cache is useless for a loss, and in eval mode it would give each compiled layer another variant."""
+    """A cache is useless for a loss, and under FSDP each compiled layer would guard on its state."""
     caches = []
     module = CausalLMModule(tiny_llama(tied=True))
     module.model.register_forward_hook(lambda mod, args, out: caches.append((mod.training, out.past_key_values)))

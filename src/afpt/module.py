@@ -191,7 +191,8 @@ class CausalLMModule(pl.LightningModule):
                 getattr(head, "bias", None),
             )
             return loss, n_tokens
-        # No KV cache: nothing is generated, and in eval mode a cache would add a compiled variant per layer.
+        # No KV cache (HF builds one by default, in training too): nothing is generated, and under FSDP each
+        # compiled layer would guard on the cache's state.
         out = self.model(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels, use_cache=False
         )
