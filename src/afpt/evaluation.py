@@ -53,7 +53,7 @@ def text_nll(
             text = tokenizer.decode(doc)
             chars.update(len(text))
             nbytes.update(len(text.encode("utf-8")))
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, :-1].float()
         target = labels[:, 1:].to(device)
         ppl.update(logits, target)
         nll.update(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum"))
@@ -146,7 +146,7 @@ def contextual_vectors(
     for d in needed:
         ids = tokenizer(texts[d], add_special_tokens=False)["input_ids"][: max_length - 1]
         ids = torch.tensor([[tokenizer.eos_token_id, *ids]], device=device)
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
         if not -len(hidden) <= layer < len(hidden):
             raise ValueError(f"layer={layer} is out of range: the model has hidden states 0..{len(hidden) - 1}")
         states[d] = hidden[layer][0, 1:].float().cpu()

@@ -77,7 +77,7 @@ def answer_metrics(model, tokenizer, conversations: list, max_new_tokens: int = 
         example = encode_conversation(tokenizer, messages)
         ids = torch.tensor([example["input_ids"]], device=device)
         labels = torch.tensor([example["labels"]], device=device)
-        logits = model(input_ids=ids).logits.float()
+        logits = model(input_ids=ids, use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = labels[:, 1:]
         mask = target != -100
