@@ -27,6 +27,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
     if model_cfg.init_from:
         check_model_dir(model_cfg.init_from)
+    forgetting = build_forgetting(cfg.forgetting, cfg.seed)  # a bad setting fails before data preparation
     datamodule = CorpusDataModule(
         to_dict(cfg.data),
         vocab_size=model_cfg.vocab_size,
@@ -47,7 +48,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         model = build_model(model_cfg, len(tokenizer), special)
     module = CausalLMModule(model, **to_dict(cfg.optim))
-    forgetting = build_forgetting(cfg.forgetting, cfg.seed)
     trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
 
     parameters = count_parameters(model)
