@@ -10,7 +10,9 @@ torch.compile graph counts. Writes the rows as JSON to ``--out`` (default: $OUT 
 A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`` (optim.loss=
 fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true), ``cudnn`` /
 ``flash`` / ``efficient`` (optim.sdpa_backend), ``ckpt`` (optim.activation_checkpointing),
-``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs).
+``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs),
+``flex`` (model.attn_implementation=flex_attention: PyTorch's FlexAttention, Triton kernels that skip
+the masked blocks).
 ``--profile`` adds ``afpt.throughput.KernelBreakdown`` and splits the GPU time of 10 extra steps, run
 after the measured ones, by kernel category (attention, matmul, loss, optimizer, other, idle).
 """
@@ -67,6 +69,7 @@ def run_variant(
         *(["trainer.precision=bf16-true"] if "bf16true" in flags else []),
         *[f"optim.sdpa_backend={f}" for f in flags if f in SDPA],
         *(["optim.activation_checkpointing=true"] if "ckpt" in flags else []),
+        *(["model.attn_implementation=flex_attention"] if "flex" in flags else []),
         *(["optim.compile_mode=reduce-overhead"] if "cudagraphs" in flags else []),
         *(["optim.compile_mode=max-autotune-no-cudagraphs"] if "autotune" in flags else []),
         *extra,
@@ -175,6 +178,10 @@ def print_profiles(rows: list[dict]) -> None:
         values = {**prof["kernel_ms_per_step"], "idle": prof["idle_ms_per_step"]}
         cells = [f"{values.get(c, 0):.1f} ({100 * values.get(c, 0) / wall:.0f}%)" for c in cols]
         print(f"| {row['variant']} | {wall:.1f} | " + " | ".join(cells) + f" | {prof['host_gap_ms_per_batch']:.2f} |")
+    for row in rows:
+        print(f"\ntop kernels, {row['variant']} (ms per step):")
+        for name, ms in row["profile"].get("top_kernels_ms_per_step", {}).items():
+            print(f"  {ms:7.2f}  {name}")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_bad_strategy_options_are_refused_by_name(tmp_path, overrides, message):
 def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
     from afpt.throughput import KernelBreakdown, kernel_category
 
-    profile = KernelBreakdown(str(tmp_path), start_step=2, steps=3)
+    profile = KernelBreakdown(str(tmp_path), start_step=2, steps=3, top=4)
     fit(CausalLMModule(tiny_llama(tied=True)), [profile], max_steps=6)
     written = json.loads((tmp_path / "profile.json").read_text())
     assert written == profile.result and written["steps"] == 3
@@ -123,6 +123,9 @@ def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
     for category in ("matmul", "attention", "loss (softmax / cross-entropy)", "optimizer + grad clip"):
         assert ms.get(category, 0) > 0, category
     assert sum(ms.values()) <= written["wall_ms_per_step"] * 1.05
+    top = written["top_kernels_ms_per_step"]
+    assert len(top) == 4 and list(top.values()) == sorted(top.values(), reverse=True)
+    assert max(top.values()) <= max(ms.values()) and any("mm" in name or "linear" in name for name in top)
     assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert kernel_category("flash_fwd_kernel") == "attention"
     assert kernel_category("triton_red_fused__log_softmax_0") == "loss (softmax / cross-entropy)"

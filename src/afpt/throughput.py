@@ -144,15 +144,15 @@ class KernelBreakdown(Callback):
     """Profile ``steps`` optimizer steps from ``start_step`` and split GPU time by kernel category.
 
     Writes ``profile.json`` (and ``profile_trace.json``, a Chrome trace, with ``trace=True``) to
-    ``dirpath``: wall time of the window, per-category kernel time, GPU idle time (wall
-    time covered by no kernel on any stream), and the host's gap between batches (data loading and
-    hooks). Kernels on different streams overlap (communication with compute), so the categories
+    ``dirpath``: wall time of the window, per-category kernel time, the ``top`` kernels by time (so one
+    can see which attention or GEMM kernel actually ran), GPU idle time (wall time covered by no kernel
+    on any stream), and the host's gap between batches (data loading and hooks). Kernels on different streams overlap (communication with compute), so the categories
     can add up to more than the wall time. On CPU the categories hold the operators' own CPU time.
     """
 
-    def __init__(self, dirpath: str, start_step: int = 50, steps: int = 10, trace: bool = False) -> None:
+    def __init__(self, dirpath: str, start_step: int = 50, steps: int = 10, trace: bool = False, top: int = 12) -> None:
         super().__init__()
-        self.dirpath, self.start_step, self.steps, self.trace = dirpath, start_step, steps, trace
+        self.dirpath, self.start_step, self.steps, self.trace, self.top = dirpath, start_step, steps, trace, top
         self.result: dict[str, Any] | None = None
         self._profiler: torch.profiler.profile | None = None
         self._start = 0.0
@@ -182,11 +182,13 @@ class KernelBreakdown(Callback):
         TokenThroughput._sync(pl_module)
         wall_ms = 1000 * (time.perf_counter() - self._start)
         self._profiler.__exit__(None, None, None)
-        categories, busy = self._categories(pl_module.device.type == "cuda", wall_ms)
+        categories, kernels, busy = self._categories(pl_module.device.type == "cuda", wall_ms)
+        top = sorted(kernels.items(), key=lambda kv: -kv[1])[: self.top]
         self.result = {
             "steps": self.steps,
             "wall_ms_per_step": wall_ms / self.steps,
             "kernel_ms_per_step": {k: v / self.steps for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms_per_step": {name[:160]: ms / self.steps for name, ms in top},
             "idle_ms_per_step": max(wall_ms - busy, 0.0) / self.steps,
             "busy_ms_per_step": busy / self.steps,
             "host_gap_ms_per_batch": 1000 * sum(self._gaps) / max(len(self._gaps), 1),
@@ -201,15 +203,18 @@ class KernelBreakdown(Callback):
                 self._profiler.export_chrome_trace(str(out / "profile_trace.json"))
         self._profiler = None
 
-    def _categories(self, cuda: bool, wall_ms: float) -> tuple[dict[str, float], float]:
-        """Milliseconds per category, and busy time: the union of kernel intervals (streams overlap)."""
+    def _categories(self, cuda: bool, wall_ms: float) -> tuple[dict[str, float], dict[str, float], float]:
+        """Milliseconds per category and per kernel name, and busy time: the union of kernel intervals
+        (streams overlap)."""
         categories: dict[str, float] = {}
+        kernels: dict[str, float] = {}
         if not cuda:  # operators' own CPU time; they do not overlap
             for event in self._profiler.key_averages():
                 if event.self_cpu_time_total > 0:
                     cat = kernel_category(event.key)
                     categories[cat] = categories.get(cat, 0.0) + event.self_cpu_time_total / 1000
-            return categories, min(sum(categories.values()), wall_ms)
+                    kernels[event.key] = kernels.get(event.key, 0.0) + event.self_cpu_time_total / 1000
+            return categories, kernels, min(sum(categories.values()), wall_ms)
         intervals = []
         for event in self._profiler.events():
             if event.device_type != torch.autograd.DeviceType.CUDA or event.is_user_annotation:
@@ -218,10 +223,11 @@ class KernelBreakdown(Callback):
             if end > start:
                 cat = kernel_category(event.name)
                 categories[cat] = categories.get(cat, 0.0) + (end - start) / 1000
+                kernels[event.name] = kernels.get(event.name, 0.0) + (end - start) / 1000
                 intervals.append((start, end))
         busy, reach = 0.0, float("-inf")
         for start, end in sorted(intervals):
             if end > reach:
                 busy += end - max(start, reach)
                 reach = end
-        return categories, busy / 1000
+        return categories, kernels, busy / 1000
