@@ -92,10 +92,12 @@ def test_shipped_ddp_and_fsdp2_configs_build_their_strategies(tmp_path):
     strategy = build_trainer(cfg, tmp_path, []).strategy
     assert isinstance(strategy, DDPStrategy) and strategy._ddp_comm_hook.__name__ == "bf16_compress_hook"
     assert strategy._ddp_kwargs == {"bucket_cap_mb": 25, "gradient_as_bucket_view": True}
-    cfg = compose_config(tmp_path, ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.strategy.prefetch=2"])
+    cfg = compose_config(tmp_path, ["trainer=fsdp2", "trainer.accelerator=cpu"])
     strategy = build_trainer(cfg, tmp_path, []).strategy
     assert isinstance(strategy, FSDP2Strategy)
-    assert strategy.shard_options == {"reshard_after_forward": True, "reduce_dtype": "float32", "prefetch": 2}
+    assert strategy.shard_options == {"reshard_after_forward": True, "reduce_dtype": "float32", "prefetch": 1}
+    cfg = compose_config(tmp_path, ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.strategy.prefetch=2"])
+    assert build_trainer(cfg, tmp_path, []).strategy.shard_options["prefetch"] == 2
 
 
 @pytest.mark.parametrize(

@@ -81,11 +81,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     - ``reshard_after_forward=False``: keep each layer's gathered parameters from the forward to the
       backward pass (ZeRO-2-like: one all-gather per layer and step instead of two, more memory);
     - ``reduce_dtype``: ``float32`` or ``bfloat16`` gradient reduce-scatter (bf16 halves the traffic);
-    - ``prefetch``: all-gather this many layers ahead explicitly (0: FSDP2's implicit prefetching).
+    - ``prefetch``: all-gather this many layers ahead explicitly (0: FSDP2's implicit prefetching). The
+      default 1 measured faster on 2 H200s (benchmarks/RESULTS.md).
     """
 
     def __init__(
-        self, reshard_after_forward: bool = True, reduce_dtype: str = "float32", prefetch: int = 0, **kwargs: Any
+        self, reshard_after_forward: bool = True, reduce_dtype: str = "float32", prefetch: int = 1, **kwargs: Any
     ) -> None:
         if reduce_dtype not in REDUCE_DTYPES:
             raise AfptError(
@@ -139,7 +140,7 @@ def fully_shard_model(
     bf16: bool,
     reshard_after_forward: bool = True,
     reduce_dtype: str = "float32",
-    prefetch: int = 0,
+    prefetch: int = 1,
 ) -> None:
     """Apply FSDP2's ``fully_shard`` to each decoder layer (the model's ``_no_split_modules``), then the root.
 
