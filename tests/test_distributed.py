@@ -1,7 +1,7 @@
 """Active forgetting under DDP and FSDP2 with two CPU processes (gloo).
 
 Lightning's FSDP (v1) strategy needs CUDA; it is checked on the GPU machine by
-``benchmarks/throughput.py`` (``forgetting.check_sync=true`` in every distributed variant).
+``benchmarks/scaling.py`` (``forgetting.check_sync=true`` in every multi-GPU setting).
 """
 
 from __future__ import annotations

@@ -1,0 +1,31 @@
+"""The benchmark scripts run on CPU as a user would run them (their GPU numbers live in benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.mark.slow
+def test_interconnect_measures_every_collective_and_size(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "interconnect.py"), "--gpus", "2", "--sizes-mb", "0.5", "2"]
+        + ["--iters", "2", "--port", "29531", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "interconnect.json").read_text())
+    assert record["device"] == "cpu" and record["args"]["gpus"] == 2
+    ops = {(row["op"], row["size_MB"]) for row in record["rows"]}
+    assert ops == {(op, size) for op in ("all_gather", "reduce_scatter", "all_reduce") for size in (0.5, 2.0)}
+    assert all(row["ms"] > 0 and row["bus_GBps"] > 0 for row in record["rows"])
+    assert "| all_reduce | 2 |" in result.stdout
+    assert not list(tmp_path.glob(".*.tmp"))
