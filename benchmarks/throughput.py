@@ -11,8 +11,8 @@ A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`
 fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true), ``cudnn`` /
 ``flash`` / ``efficient`` (optim.sdpa_backend), ``ckpt`` (optim.activation_checkpointing),
 ``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs),
-``flex`` (model.attn_implementation=flex_attention: PyTorch's FlexAttention, Triton kernels that skip
-the masked blocks).
+``flex`` / ``sdpa`` (model.attn_implementation=flex_attention / sdpa; without either, afpt's default
+``auto``: FlexAttention when compiled on CUDA, sdpa otherwise).
 ``--profile`` adds ``afpt.throughput.KernelBreakdown`` and splits the GPU time of 10 extra steps, run
 after the measured ones, by kernel category (attention, matmul, loss, optimizer, other, idle).
 """
@@ -37,6 +37,13 @@ VOCAB = {"llama_124m": 50304, "llama_350m": 50304, "gpt2_124m": 50304, "mistral_
 
 
 SDPA = ("cudnn", "flash", "efficient")
+
+
+def attention(flags: list[str]) -> str:
+    """``flex``: FlexAttention; ``sdpa`` or a pinned sdpa kernel: sdpa; else afpt's default (``auto``)."""
+    if "flex" in flags:
+        return "flex_attention"
+    return "sdpa" if "sdpa" in flags or any(f in SDPA for f in flags) else "auto"
 
 
 def run_variant(
@@ -69,7 +76,7 @@ def run_variant(
         *(["trainer.precision=bf16-true"] if "bf16true" in flags else []),
         *[f"optim.sdpa_backend={f}" for f in flags if f in SDPA],
         *(["optim.activation_checkpointing=true"] if "ckpt" in flags else []),
-        *(["model.attn_implementation=flex_attention"] if "flex" in flags else []),
+        f"model.attn_implementation={attention(flags)}",
         *(["optim.compile_mode=reduce-overhead"] if "cudagraphs" in flags else []),
         *(["optim.compile_mode=max-autotune-no-cudagraphs"] if "autotune" in flags else []),
         *extra,

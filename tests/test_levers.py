@@ -133,3 +133,105 @@ def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
     assert kernel_category("triton_red_fused__log_softmax_0") == "loss (softmax / cross-entropy)"
     assert kernel_category("ncclDevKernel_AllGather_RING_LL") == "communication"
     assert kernel_category("triton_poi_fused_mul_rsqrt_1") == "other"
+
+
+def test_auto_attention_is_flex_only_when_compiled_on_cuda_and_supported():
+    """``model.attn_implementation=auto``: FlexAttention for compiled CUDA training of llama/mistral, else sdpa."""
+    from afpt.models import ModelConfig, build_model
+
+    def attention(family: str, compiled_on_cuda: bool, requested: str = "auto") -> str:
+        cfg = ModelConfig(family=family, vocab_size=64, hidden_size=32, num_heads=2, attn_implementation=requested)
+        return build_model(cfg, 64, {}, compiled_on_cuda).config._attn_implementation
+
+    assert attention("llama", True) == "flex_attention"
+    assert attention("mistral", True) == "flex_attention"
+    assert attention("llama", False) == "sdpa"
+    assert attention("gpt2", True) == "sdpa"  # GPT-2 has no FlexAttention path in transformers
+    assert attention("llama", True, requested="eager") == "eager"
+
+
+def test_auto_attention_of_a_saved_model_follows_its_class(tmp_path):
+    from afpt.models import load_model
+
+    tiny_llama(tied=True).save_pretrained(tmp_path / "m")
+    assert load_model(
+        tmp_path / "m", attn_implementation="auto", compiled_on_cuda=True
+    ).config._attn_implementation == ("flex_attention")
+    assert load_model(tmp_path / "m", attn_implementation="auto").config._attn_implementation == "sdpa"
+
+
+def test_compiled_on_cuda_needs_a_cuda_accelerator_and_compile(tmp_path, monkeypatch):
+    """What the pretraining stage predicts for ``auto`` attention, with and without a CUDA device."""
+    from afpt.stages.common import compiles_on_cuda
+
+    def predicted(*overrides: str) -> bool:
+        return compiles_on_cuda(compose_config(tmp_path, list(overrides)))
+
+    assert not predicted("trainer.accelerator=auto")  # this machine has no CUDA device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert predicted("trainer.accelerator=auto") and predicted("trainer.accelerator=gpu")
+    assert not predicted("trainer.accelerator=gpu", "optim.compile=false")
+    assert not predicted("trainer.accelerator=cpu")
+
+
+def test_auto_levers_keep_a_cpu_run_eager_without_workers():
+    """``compile``, ``num_workers`` and ``pin_memory`` default to ``auto``: off on a CPU trainer."""
+    import datasets
+
+    from afpt.data import PretrainDataModule
+
+    blocks = datasets.Dataset.from_dict({"input_ids": torch.randint(0, 96, (32, 16)).tolist()})
+    datamodule = PretrainDataModule({"en": blocks}, {"en": blocks.select(range(4))}, batch_size=4)
+    module = CausalLMModule(tiny_llama(tied=True))
+    assert module.hparams.compile == "auto"
+    trainer = fit_datamodule(module, datamodule)
+    assert trainer.global_step == 2 and not module.compiles() and not hasattr(module, "_compiled")
+    assert (datamodule.num_workers, datamodule.pin_memory) == (0, False)
+    loader = datamodule.train_dataloader()
+    assert (loader.num_workers, loader.pin_memory) == (0, False)
+
+
+def fit_datamodule(module, datamodule):
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num_workers", "many", "data.num_workers must be 'auto' or an integer >= 0"),
+        ("num_workers", -1, "data.num_workers must be 'auto' or an integer >= 0"),
+        ("pin_memory", "yes", "data.pin_memory must be 'auto', true or false"),
+    ],
+)
+def test_bad_loader_settings_are_refused(key, value, message):
+    import datasets
+
+    from afpt.data import DataError, PretrainDataModule
+
+    blocks = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 4})
+    with pytest.raises(DataError, match=message):
+        PretrainDataModule({"en": blocks}, {}, batch_size=2, **{key: value})
+
+
+def test_bad_compile_value_is_refused():
+    with pytest.raises(AfptError, match="optim.compile must be true, false or 'auto'"):
+        CausalLMModule(tiny_llama(tied=True), compile="yes")
+
+
+def test_pinning_an_sdpa_kernel_on_a_flex_model_is_refused():
+    model = tiny_llama(tied=True)
+    model.set_attn_implementation("flex_attention")
+    with pytest.raises(AfptError, match="optim.sdpa_backend='math' pins a kernel of sdpa attention"):
+        fit(CausalLMModule(model, sdpa_backend="math"), [], max_steps=1)

@@ -32,6 +32,8 @@ PAD_TOKEN = "<|pad|>"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, *CHATML_TOKENS)
 BYTE_ALPHABET_SIZE = 256
+# Loader processes for data.num_workers=auto on CUDA (what the GPU benchmarks ran with).
+AUTO_WORKERS = 4
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 datasets.disable_progress_bars()
@@ -341,13 +343,19 @@ class PretrainDataModule(pl.LightningDataModule):
         batch_size: int,
         mixture: Mapping[str, float] | None = None,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | str = "auto",
+        pin_memory: bool | str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
             raise DataError(f"data.batch_size must be a positive integer, got {batch_size!r}")
+        if num_workers != "auto" and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
+            raise DataError(f"data.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
+        if pin_memory != "auto" and not isinstance(pin_memory, bool):
+            raise DataError(f"data.pin_memory must be 'auto', true or false, got {pin_memory!r}")
         langs = list(train_blocks)
         weights = {lang: float((mixture or {}).get(lang, 1.0)) for lang in langs}
         unknown = sorted(set(mixture or {}) - set(langs))
@@ -373,8 +381,24 @@ class PretrainDataModule(pl.LightningDataModule):
         self.val_names = list(self.val_blocks)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self._num_workers = num_workers
+        self._pin_memory = pin_memory
+
+    def _on_cuda(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    @property
+    def num_workers(self) -> int:
+        """Loader processes: as configured, or for ``auto`` AUTO_WORKERS (at most the CPUs) on CUDA, else 0."""
+        if self._num_workers != "auto":
+            return self._num_workers
+        return min(AUTO_WORKERS, os.cpu_count() or 1) if self._on_cuda() else 0
+
+    @property
+    def pin_memory(self) -> bool:
+        """Pinned host memory: as configured, or for ``auto`` whenever the trainer runs on CUDA."""
+        return self._on_cuda() if self._pin_memory == "auto" else self._pin_memory
 
     def train_dataloader(self) -> DataLoader:
         """The training stream, resumed at the trainer's position (optimizer steps x accumulation)."""
@@ -441,8 +465,8 @@ class CorpusDataModule(PretrainDataModule):
             batch_size=data.get("batch_size", 16),
             mixture=data.get("mixture"),
             eval_batch_size=data.get("eval_batch_size"),
-            num_workers=data.get("num_workers", 0),
-            pin_memory=data.get("pin_memory", False),
+            num_workers=data.get("num_workers", "auto"),
+            pin_memory=data.get("pin_memory", "auto"),
             seed=seed,
         )
         self.tokenizer = tokenizer

@@ -53,7 +53,8 @@ class CausalLMModule(pl.LightningModule):
         total_steps: length of the schedule; default: the trainer's estimated stepping batches.
         fused: fused AdamW; ``None`` uses it on CUDA.
         compile: ``torch.compile`` the model in place (state-dict keys unchanged); under FSDP2 the
-            whole model too (measured faster than compiling each layer before sharding).
+            whole model too (measured faster than compiling each layer before sharding). ``"auto"``:
+            compile when the trainer runs on CUDA.
         compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs),
             ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         grad_clip: max global gradient norm, applied by the module (Lightning's own
@@ -80,7 +81,7 @@ class CausalLMModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         total_steps: int | None = None,
         fused: bool | None = None,
-        compile: bool = False,
+        compile: bool | str = "auto",
         compile_mode: str = "default",
         grad_clip: float | None = 1.0,
         loss: str = "hf",
@@ -92,6 +93,8 @@ class CausalLMModule(pl.LightningModule):
             raise AfptError(f"optim.loss must be one of {LOSSES}, got {loss!r}")
         if loss == "fused_linear_ce" and importlib.util.find_spec("liger_kernel") is None:
             raise AfptError("optim.loss=fused_linear_ce needs liger-kernel (CUDA only): pip install liger-kernel")
+        if not isinstance(compile, bool) and compile != "auto":
+            raise AfptError(f"optim.compile must be true, false or 'auto', got {compile!r}")
         if compile_mode not in COMPILE_MODES:
             raise AfptError(f"optim.compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         if sdpa_backend is not None and sdpa_backend not in SDPA_BACKENDS:
@@ -117,6 +120,12 @@ class CausalLMModule(pl.LightningModule):
         self.val_names: list[str] = []
         self._sdpa_pin: contextlib.ExitStack | None = None
 
+    def compiles(self) -> bool:
+        """Whether the model is compiled: ``compile`` as given, or for ``"auto"`` when running on CUDA."""
+        if self.hparams.compile == "auto":
+            return self.trainer.strategy.root_device.type == "cuda"
+        return self.hparams.compile
+
     def configure_model(self) -> None:
         """Build a model given as a config (for the datamodule's tokenizer); compile it in place when asked."""
         if self.model is None:
@@ -124,7 +133,13 @@ class CausalLMModule(pl.LightningModule):
             if tokenizer is None:
                 raise AfptError("a model given as a config needs a datamodule with a `tokenizer` (CorpusDataModule)")
             special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-            self.model = build_model(self.model_spec, len(tokenizer), special).train()
+            self.model = build_model(self.model_spec, len(tokenizer), special, self.compiles()).train()
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        if self.hparams.sdpa_backend is not None and attention != "sdpa":
+            raise AfptError(
+                f"optim.sdpa_backend={self.hparams.sdpa_backend!r} pins a kernel of sdpa attention, but the model "
+                f"uses {attention!r}; set model.attn_implementation=sdpa"
+            )
         if self.hparams.loss == "fused_linear_ce" and not hasattr(self, "_fused_ce"):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -141,7 +156,7 @@ class CausalLMModule(pl.LightningModule):
             options = getattr(self.trainer.strategy, "shard_options", {})
             fully_shard_model(self.model, self.device_mesh["data_parallel"], bf16, **options)
             self._sharded = True
-        if self.hparams.compile and not getattr(self, "_compiled", False):
+        if self.compiles() and not getattr(self, "_compiled", False):
             if layout(self.trainer) != "replicated":
                 # FSDP's hooks break the graph inside the decoder's layer loop, so torch.compile runs that
                 # loop eagerly and compiles each layer as a frame of its own: one guarded entry per layer

@@ -64,7 +64,7 @@ def train_helper(cfg: DictConfig, tokenizer, train_blocks: dict, seed: int) -> t
         accelerator="auto",
         devices=1,
     )
-    trainer.fit(CausalLMModule(model, lr=cfg.lr, warmup_fraction=0.1), datamodule=datamodule)
+    trainer.fit(CausalLMModule(model, lr=cfg.lr, warmup_fraction=0.1, compile=False), datamodule=datamodule)
     return model.get_input_embeddings().weight.detach().float().cpu()
 
 
@@ -229,7 +229,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pin_memory=cfg.data.pin_memory,
         seed=cfg.seed,
     )
-    module = CausalLMModule(model, **{**to_dict(cfg.optim), "lr": a.lr, "embedding_weight_decay": 0.0})
+    optim = to_dict(cfg.optim)
+    if optim.get("compile") == "auto":  # compiled adaptation is not measured: auto means eager here
+        optim["compile"] = False
+    module = CausalLMModule(model, **{**optim, "lr": a.lr, "embedding_weight_decay": 0.0})
     cfg_trainer = cfg.copy()
     cfg_trainer.trainer.max_steps = max_steps
     cfg_trainer.trainer.val_check_interval = max(1, min(max_steps, a.val_every_n_steps))

@@ -147,6 +147,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         total_steps=steps,
         grad_clip=cfg.optim.grad_clip,
         fused=cfg.optim.fused,
+        compile=False,  # variable-length chat batches; compiled instruction tuning is not measured
     )
     cfg_trainer = cfg.copy()
     with open_dict(cfg_trainer):

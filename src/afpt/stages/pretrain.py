@@ -15,7 +15,15 @@ from afpt.distributed import full_state_dict, layout
 from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model
 from afpt.module import CausalLMModule
 from afpt.plots import plot_loss_with_resets, read_metric_csv
-from afpt.stages.common import build_forgetting, build_trainer, check_ckpt_path, scalar_metrics, to_dict, write_json
+from afpt.stages.common import (
+    build_forgetting,
+    build_trainer,
+    check_ckpt_path,
+    compiles_on_cuda,
+    scalar_metrics,
+    to_dict,
+    write_json,
+)
 from afpt.throughput import TokenThroughput
 
 
@@ -38,15 +46,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     tokenizer = datamodule.tokenizer
 
+    compiled_on_cuda = compiles_on_cuda(cfg)  # picks model.attn_implementation=auto
     if model_cfg.init_from:
-        model = load_model(model_cfg.init_from, model_cfg.trust_remote_code, model_cfg.attn_implementation)
+        model = load_model(
+            model_cfg.init_from, model_cfg.trust_remote_code, model_cfg.attn_implementation, compiled_on_cuda
+        )
     else:
         special = {
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-        model = build_model(model_cfg, len(tokenizer), special)
+        model = build_model(model_cfg, len(tokenizer), special, compiled_on_cuda)
     module = CausalLMModule(model, **to_dict(cfg.optim))
     trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
 
