@@ -139,12 +139,20 @@ def test_auto_attention_is_flex_only_when_compiled_on_cuda_and_supported():
     """``model.attn_implementation=auto``: FlexAttention for compiled CUDA training of llama/mistral, else sdpa."""
     from afpt.models import ModelConfig, build_model
 
-    def attention(family: str, compiled_on_cuda: bool, requested: str = "auto") -> str:
-        cfg = ModelConfig(family=family, vocab_size=64, hidden_size=32, num_heads=2, attn_implementation=requested)
+    def attention(family: str, compiled_on_cuda: bool, requested: str = "auto", kv_heads: int | None = None) -> str:
+        cfg = ModelConfig(
+            family=family,
+            vocab_size=64,
+            hidden_size=32,
+            num_heads=4,
+            num_kv_heads=kv_heads,
+            attn_implementation=requested,
+        )
         return build_model(cfg, 64, {}, compiled_on_cuda).config._attn_implementation
 
     assert attention("llama", True) == "flex_attention"
     assert attention("mistral", True) == "flex_attention"
+    assert attention("mistral", True, kv_heads=2) == "sdpa"  # grouped-query attention: not measured under flex
     assert attention("llama", False) == "sdpa"
     assert attention("gpt2", True) == "sdpa"  # GPT-2 has no FlexAttention path in transformers
     assert attention("llama", True, requested="eager") == "eager"

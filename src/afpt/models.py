@@ -118,14 +118,17 @@ def padded_vocab(n_tokens: int, multiple: int) -> int:
 def resolve_attention(requested: str | None, config: PretrainedConfig, compiled_on_cuda: bool) -> str | None:
     """The attention implementation to build ``config``'s model with.
 
-    ``auto``: PyTorch's FlexAttention where the model class supports it and the model runs compiled on
-    CUDA (measured 5% faster than sdpa's cuDNN kernels on H200, see benchmarks/RESULTS.md); otherwise
-    ``sdpa`` (FlexAttention has no eager or CPU training path). Any other value is used as given.
+    ``auto``: PyTorch's FlexAttention where the model class supports it, every query head has its own
+    key/value head, and the model runs compiled on CUDA (measured 5% faster than sdpa's cuDNN kernels on
+    H200, see benchmarks/RESULTS.md); otherwise ``sdpa`` (FlexAttention has no eager or CPU training
+    path, and grouped-query attention under it is not measured). Any other value is used as given.
     """
     if requested != "auto":
         return requested
     model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)] if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else None
-    flex = compiled_on_cuda and getattr(model_cls, "_supports_flex_attn", False)
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    grouped = kv_heads is not None and kv_heads != getattr(config, "num_attention_heads", kv_heads)
+    flex = compiled_on_cuda and not grouped and getattr(model_cls, "_supports_flex_attn", False)
     return "flex_attention" if flex else "sdpa"
 
 
