@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import compose_config, fit, loader, tiny_llama
 from lightning.pytorch import Callback
+from transformers.masking_utils import sdpa_mask
 
 from afpt import CausalLMModule
 from afpt.distributed import fsdp_strategy
 from afpt.errors import AfptError
+from afpt.models import CAUSAL_SDPA, one_sequence_per_row
 from afpt.module import activation_checkpointing_on
 from afpt.stages.common import build_trainer
 
@@ -243,3 +245,57 @@ def test_pinning_an_sdpa_kernel_on_a_flex_model_is_refused():
     model.set_attn_implementation("flex_attention")
     with pytest.raises(AfptError, match="optim.sdpa_backend='math' pins a kernel of sdpa attention"):
         fit(CausalLMModule(model, sdpa_backend="math"), [], max_steps=1)
+
+
+def sdpa_calls(model, **inputs) -> list[dict]:
+    """The keyword arguments of every sdpa call in the graph torch.compile traces for ``model(**inputs)``."""
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.extend(n.kwargs for n in gm.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention)
+        return gm
+
+    torch._dynamo.reset()
+    logits = torch.compile(model, backend=backend)(**inputs, use_cache=False).logits
+    return calls, logits
+
+
+def test_compiled_causal_sdpa_drops_the_mask_only_for_plain_rows():
+    """Under torch.compile HF always materialises the mask; afpt_sdpa drops it for rows declared plain."""
+    model = tiny_llama(tied=True, layers=2)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    padding = torch.ones_like(ids)
+    padding[0, :5] = 0
+    reference = {mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits for mask in (None, padding)}
+    stock, _ = sdpa_calls(model, input_ids=ids)
+    assert stock[0]["attn_mask"] is not None and not stock[0]["is_causal"]
+
+    model.set_attn_implementation(CAUSAL_SDPA)
+    with one_sequence_per_row():
+        plain, logits = sdpa_calls(model, input_ids=ids)
+        padded, padded_logits = sdpa_calls(model, input_ids=ids, attention_mask=padding)
+    undeclared, _ = sdpa_calls(model, input_ids=ids)
+    assert len(plain) == 2 and all(c["attn_mask"] is None and c["is_causal"] for c in plain)
+    assert padded[0]["attn_mask"] is not None and undeclared[0]["attn_mask"] is not None
+    torch.testing.assert_close(logits, reference[None])
+    torch.testing.assert_close(padded_logits[0, 5:], reference[padding][0, 5:])
+
+
+def test_compiled_training_builds_no_attention_mask(monkeypatch):
+    """A compiled fit (real inductor) switches sdpa models to afpt_sdpa and never builds a mask."""
+    import afpt.models
+
+    built = []
+
+    def recording_sdpa_mask(**kwargs):
+        built.append(kwargs["q_length"])
+        return sdpa_mask(**kwargs)
+
+    monkeypatch.setattr(afpt.models, "sdpa_mask", recording_sdpa_mask)
+    torch._dynamo.reset()
+    module = CausalLMModule(tiny_llama(tied=True), compile=True)
+    trainer = fit(module, [], max_steps=2)
+    trainer.validate(module, dataloaders=loader(), verbose=False)
+    assert module.model.config._attn_implementation == CAUSAL_SDPA
+    assert built == []
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from transformers import (
+    AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
@@ -15,9 +18,76 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from afpt.errors import AfptError
+
+CAUSAL_SDPA = "afpt_sdpa"
+"""Attention implementation afpt trains compiled sdpa models with (see ``causal_sdpa_mask``)."""
+
+_one_sequence_per_row = False
+
+
+@contextlib.contextmanager
+def one_sequence_per_row() -> Iterator[None]:
+    """Declare that, within, every input row is one causal sequence at positions 0..L-1.
+
+    No padding and no packed documents with restarting positions: afpt's pretraining batches, which pass
+    neither an attention mask nor position ids. ``causal_sdpa_mask`` then drops the mask.
+    """
+    global _one_sequence_per_row
+    previous, _one_sequence_per_row = _one_sequence_per_row, True
+    try:
+        yield
+    finally:
+        _one_sequence_per_row = previous
+
+
+def causal_sdpa_mask(
+    *,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    attention_mask: Any = None,
+    local_size: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Hugging Face's ``sdpa_mask``, but no mask at all for plain causal rows under ``torch.compile``.
+
+    sdpa runs its flash and cuDNN kernels only without a mask (``is_causal=True``). Hugging Face drops the
+    mask only outside tracing: a compiled model cannot read its position ids to rule out packed
+    sequences, so with torch < 2.14 it always gets a materialised ``batch x 1 x seq x seq`` mask and sdpa
+    falls back to its masked kernels. Inside ``one_sequence_per_row()`` the caller has ruled packing out;
+    the mask is then dropped when nothing else shapes it (no padding mask, no cache offset, no sliding
+    window, as many queries as keys). Every other call goes to ``sdpa_mask`` unchanged. The flag is a
+    module global, so a compiled graph is guarded on it.
+    """
+    if (
+        _one_sequence_per_row
+        and attention_mask is None
+        and local_size is None
+        and isinstance(q_offset, int)
+        and q_offset == 0
+        and kv_offset == 0
+        and q_length == kv_length
+    ):
+        return None
+    return sdpa_mask(
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        **kwargs,
+    )
+
+
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+AttentionMaskInterface.register(CAUSAL_SDPA, causal_sdpa_mask)
 
 
 class ModelConfigError(AfptError):

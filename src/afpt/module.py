@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from afpt.distributed import decoder_layers, full_value, fully_shard_model, layout
 from afpt.errors import AfptError
-from afpt.models import ModelConfig, build_model, load_model
+from afpt.models import CAUSAL_SDPA, ModelConfig, build_model, load_model, one_sequence_per_row
 from afpt.schedule import DECAYS, lr_factor
 
 LOSSES = ("hf", "fused_linear_ce")
@@ -135,7 +135,11 @@ class CausalLMModule(pl.LightningModule):
             special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
             self.model = build_model(self.model_spec, len(tokenizer), special, self.compiles()).train()
         attention = getattr(self.model.config, "_attn_implementation", None)
-        if self.hparams.sdpa_backend is not None and attention != "sdpa":
+        if attention == "sdpa" and self.compiles():
+            # Keep sdpa's unmasked causal path (flash / cuDNN kernels) under torch.compile.
+            self.model.set_attn_implementation(CAUSAL_SDPA)
+            attention = CAUSAL_SDPA
+        if self.hparams.sdpa_backend is not None and attention not in ("sdpa", CAUSAL_SDPA):
             raise AfptError(
                 f"optim.sdpa_backend={self.hparams.sdpa_backend!r} pins a kernel of sdpa attention, but the model "
                 f"uses {attention!r}; set model.attn_implementation=sdpa"
@@ -192,6 +196,11 @@ class CausalLMModule(pl.LightningModule):
         return self.model(input_ids=input_ids, **kwargs)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The model gets no position ids, so rows without a padding mask are single causal sequences.
+        with one_sequence_per_row() if batch.get("attention_mask") is None else contextlib.nullcontext():
+            return self._loss_of(batch)
+
+    def _loss_of(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch.get("labels", batch["input_ids"])
         n_tokens = (labels[:, 1:] != -100).sum()
         if self.hparams.loss == "fused_linear_ce":
