@@ -11,8 +11,9 @@ A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`
 fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true), ``cudnn`` /
 ``flash`` / ``efficient`` (optim.sdpa_backend), ``ckpt`` (optim.activation_checkpointing),
 ``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs),
-``flex`` / ``sdpa`` (model.attn_implementation=flex_attention / sdpa; without either, afpt's default
-``auto``: FlexAttention when compiled on CUDA, sdpa otherwise).
+``flex`` (model.attn_implementation=flex_attention; otherwise afpt's default sdpa, which trains compiled
+as ``afpt_sdpa``), ``norope`` (optim.rotary_tables=false), ``auto`` (optim.compile left at afpt's
+default ``auto`` instead of the ``compile`` flag's true / false).
 ``--profile`` adds ``afpt.throughput.KernelBreakdown`` and splits the GPU time of 10 extra steps, run
 after the measured ones, by kernel category (attention, matmul, loss, optimizer, other, idle).
 """
@@ -37,13 +38,6 @@ VOCAB = {"llama_124m": 50304, "llama_350m": 50304, "gpt2_124m": 50304, "mistral_
 
 
 SDPA = ("cudnn", "flash", "efficient")
-
-
-def attention(flags: list[str]) -> str:
-    """``flex``: FlexAttention; ``sdpa`` or a pinned sdpa kernel: sdpa; else afpt's default (``auto``)."""
-    if "flex" in flags:
-        return "flex_attention"
-    return "sdpa" if "sdpa" in flags or any(f in SDPA for f in flags) else "auto"
 
 
 def run_variant(
@@ -71,12 +65,13 @@ def run_variant(
         f"forgetting.every_n_steps={every_k}",
         "callbacks.model_checkpoint=null",
         f"callbacks.throughput.window={max(10, steps // 6)}",
-        f"optim.compile={'compile' in flags}",
+        *([] if "auto" in flags else [f"optim.compile={'compile' in flags}"]),
         f"optim.loss={'fused_linear_ce' if 'fusedce' in flags else 'hf'}",
         *(["trainer.precision=bf16-true"] if "bf16true" in flags else []),
         *[f"optim.sdpa_backend={f}" for f in flags if f in SDPA],
         *(["optim.activation_checkpointing=true"] if "ckpt" in flags else []),
-        f"model.attn_implementation={attention(flags)}",
+        f"model.attn_implementation={'flex_attention' if 'flex' in flags else 'sdpa'}",
+        *(["optim.rotary_tables=false"] if "norope" in flags else []),
         *(["optim.compile_mode=reduce-overhead"] if "cudagraphs" in flags else []),
         *(["optim.compile_mode=max-autotune-no-cudagraphs"] if "autotune" in flags else []),
         *extra,

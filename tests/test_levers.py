@@ -8,12 +8,13 @@ import pytest
 import torch
 from conftest import compose_config, fit, loader, tiny_llama
 from lightning.pytorch import Callback
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.masking_utils import sdpa_mask
 
 from afpt import CausalLMModule
 from afpt.distributed import fsdp_strategy
 from afpt.errors import AfptError
-from afpt.models import CAUSAL_SDPA, one_sequence_per_row
+from afpt.models import CAUSAL_SDPA, RotaryTable, one_sequence_per_row, use_rotary_tables
 from afpt.module import activation_checkpointing_on
 from afpt.stages.common import build_trainer
 
@@ -137,51 +138,17 @@ def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
     assert kernel_category("triton_poi_fused_mul_rsqrt_1") == "other"
 
 
-def test_auto_attention_is_flex_only_when_compiled_on_cuda_and_supported():
-    """``model.attn_implementation=auto``: FlexAttention for compiled CUDA training of llama/mistral, else sdpa."""
-    from afpt.models import ModelConfig, build_model
+def test_models_default_to_sdpa_and_keep_a_named_attention(tmp_path):
+    from afpt.models import ModelConfig, build_model, load_model
 
-    def attention(family: str, compiled_on_cuda: bool, requested: str = "auto", kv_heads: int | None = None) -> str:
-        cfg = ModelConfig(
-            family=family,
-            vocab_size=64,
-            hidden_size=32,
-            num_heads=4,
-            num_kv_heads=kv_heads,
-            attn_implementation=requested,
-        )
-        return build_model(cfg, 64, {}, compiled_on_cuda).config._attn_implementation
+    def attention(family: str, **kwargs) -> str:
+        cfg = ModelConfig(family=family, vocab_size=64, hidden_size=32, num_heads=4, **kwargs)
+        return build_model(cfg, 64, {}).config._attn_implementation
 
-    assert attention("llama", True) == "flex_attention"
-    assert attention("mistral", True) == "flex_attention"
-    assert attention("mistral", True, kv_heads=2) == "sdpa"  # grouped-query attention: not measured under flex
-    assert attention("llama", False) == "sdpa"
-    assert attention("gpt2", True) == "sdpa"  # GPT-2 has no FlexAttention path in transformers
-    assert attention("llama", True, requested="eager") == "eager"
-
-
-def test_auto_attention_of_a_saved_model_follows_its_class(tmp_path):
-    from afpt.models import load_model
-
+    assert attention("llama") == attention("mistral", num_kv_heads=2) == attention("gpt2") == "sdpa"
+    assert attention("llama", attn_implementation="eager") == "eager"
     tiny_llama(tied=True).save_pretrained(tmp_path / "m")
-    assert load_model(
-        tmp_path / "m", attn_implementation="auto", compiled_on_cuda=True
-    ).config._attn_implementation == ("flex_attention")
-    assert load_model(tmp_path / "m", attn_implementation="auto").config._attn_implementation == "sdpa"
-
-
-def test_compiled_on_cuda_needs_a_cuda_accelerator_and_compile(tmp_path, monkeypatch):
-    """What the pretraining stage predicts for ``auto`` attention, with and without a CUDA device."""
-    from afpt.stages.common import compiles_on_cuda
-
-    def predicted(*overrides: str) -> bool:
-        return compiles_on_cuda(compose_config(tmp_path, list(overrides)))
-
-    assert not predicted("trainer.accelerator=auto")  # this machine has no CUDA device
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert predicted("trainer.accelerator=auto") and predicted("trainer.accelerator=gpu")
-    assert not predicted("trainer.accelerator=gpu", "optim.compile=false")
-    assert not predicted("trainer.accelerator=cpu")
+    assert load_model(tmp_path / "m", attn_implementation="eager").config._attn_implementation == "eager"
 
 
 def test_auto_levers_keep_a_cpu_run_eager_without_workers():
@@ -247,17 +214,23 @@ def test_pinning_an_sdpa_kernel_on_a_flex_model_is_refused():
         fit(CausalLMModule(model, sdpa_backend="math"), [], max_steps=1)
 
 
-def sdpa_calls(model, **inputs) -> list[dict]:
-    """The keyword arguments of every sdpa call in the graph torch.compile traces for ``model(**inputs)``."""
-    calls = []
+def traced(model, **inputs) -> tuple[list, torch.Tensor]:
+    """The nodes of the graph torch.compile traces for ``model(**inputs)``, and the logits."""
+    nodes = []
 
     def backend(gm, example_inputs):
-        calls.extend(n.kwargs for n in gm.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention)
+        nodes.extend(gm.graph.nodes)
         return gm
 
     torch._dynamo.reset()
     logits = torch.compile(model, backend=backend)(**inputs, use_cache=False).logits
-    return calls, logits
+    return nodes, logits
+
+
+def sdpa_calls(model, **inputs) -> tuple[list[dict], torch.Tensor]:
+    """The keyword arguments of every sdpa call in the traced graph of ``model(**inputs)``, and the logits."""
+    nodes, logits = traced(model, **inputs)
+    return [n.kwargs for n in nodes if n.target is torch.nn.functional.scaled_dot_product_attention], logits
 
 
 def test_compiled_causal_sdpa_drops_the_mask_only_for_plain_rows():
@@ -297,5 +270,34 @@ def test_compiled_training_builds_no_attention_mask(monkeypatch):
     trainer = fit(module, [], max_steps=2)
     trainer.validate(module, dataloaders=loader(), verbose=False)
     assert module.model.config._attn_implementation == CAUSAL_SDPA
+    assert isinstance(module.model.model.rotary_emb, RotaryTable)
     assert built == []
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_rotary_tables_serve_the_same_cos_sin_without_recomputing_them():
+    """Inside one_sequence_per_row the traced graph has no sin/cos; the logits stay bit-identical."""
+    model = tiny_llama(tied=True, layers=2)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = model(input_ids=ids, use_cache=False).logits
+    trig = (torch.sin, torch.cos, torch.Tensor.sin, torch.Tensor.cos, "sin", "cos")
+    stock, _ = traced(model, input_ids=ids)
+    assert any(n.target in trig for n in stock)
+
+    assert use_rotary_tables(model) and isinstance(model.model.rotary_emb, RotaryTable)
+    with one_sequence_per_row():
+        tabled, logits = traced(model, input_ids=ids)
+        longer, _ = traced(model, input_ids=torch.randint(0, 96, (1, 40)))  # past the 32-row table
+    undeclared, undeclared_logits = traced(model, input_ids=ids)
+    assert not any(n.target in trig for n in tabled)
+    assert any(n.target in trig for n in longer) and any(n.target in trig for n in undeclared)
+    assert torch.equal(logits, reference) and torch.equal(undeclared_logits, reference)
+    assert not any("cos" in key or "sin" in key for key in model.state_dict())
+
+
+def test_rotary_tables_can_be_turned_off_and_skip_models_without_rope():
+    module = CausalLMModule(tiny_llama(tied=True), rotary_tables=False)
+    fit(module, [], max_steps=1)
+    assert not isinstance(module.model.model.rotary_emb, RotaryTable)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    assert not use_rotary_tables(gpt2)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import (
     AttentionInterface,
-    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
@@ -20,7 +20,6 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from afpt.errors import AfptError
 
@@ -86,6 +85,49 @@ def causal_sdpa_mask(
     )
 
 
+class RotaryTable(torch.nn.Module):
+    """A rotary embedding whose cos/sin for positions ``0..n-1`` are computed once, then sliced.
+
+    Wraps a Hugging Face rotary embedding (``forward(x, position_ids) -> (cos, sin)``). The table comes
+    from the wrapped module's own forward, so its RoPE type and scaling hold. Inside
+    ``one_sequence_per_row()`` the positions of ``L`` tokens are ``0..L-1``, and the table's first ``L``
+    rows are returned. Anywhere else, or past the table, the wrapped module runs as before. Under
+    ``torch.compile`` this keeps inductor from recomputing fp32 ``sin`` / ``cos`` inside every fused
+    RoPE kernel of the forward and backward passes.
+    """
+
+    def __init__(self, rotary: torch.nn.Module, positions: int) -> None:
+        super().__init__()
+        self.rotary = rotary
+        inv_freq = rotary.inv_freq
+        probe = torch.zeros(0, dtype=torch.float32, device=inv_freq.device)
+        cos, sin = rotary(probe, torch.arange(positions, device=inv_freq.device)[None])
+        self.cos = torch.nn.Buffer(cos[0], persistent=False)
+        self.sin = torch.nn.Buffer(sin[0], persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` for ``position_ids``, each ``batch x L x head_dim`` in ``x``'s dtype."""
+        length = position_ids.shape[-1]
+        if not _one_sequence_per_row or length > self.cos.shape[0]:
+            return self.rotary(x, position_ids)
+        return self.cos[None, :length].to(x.dtype), self.sin[None, :length].to(x.dtype)
+
+
+def use_rotary_tables(model: PreTrainedModel) -> bool:
+    """Put a ``RotaryTable`` (as long as the model's ``max_position_embeddings``) in place of its RoPE.
+
+    Returns whether the model has a rotary embedding (``base_model.rotary_emb``) now served by a table.
+    """
+    base = model.base_model
+    rotary = getattr(base, "rotary_emb", None)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if rotary is None or positions is None or not hasattr(rotary, "inv_freq"):
+        return False
+    if not isinstance(rotary, RotaryTable):
+        base.rotary_emb = RotaryTable(rotary, positions)
+    return True
+
+
 AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
 AttentionMaskInterface.register(CAUSAL_SDPA, causal_sdpa_mask)
 
@@ -119,8 +161,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     pad_vocab_to_multiple_of: int = 64
     """Round the embedding rows up to a multiple of this (faster matmuls on GPUs)."""
-    attn_implementation: str = "auto"
-    """Attention kernel: sdpa, flex_attention, eager, flash_attention_2, or auto (see resolve_attention)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa, flex_attention, eager, flash_attention_2 (compiled sdpa trains as afpt_sdpa)."""
     init_from: str | None = None
     """Load a saved model directory instead of building a new model."""
     trust_remote_code: bool = False
@@ -185,30 +227,8 @@ def padded_vocab(n_tokens: int, multiple: int) -> int:
     return -(-n_tokens // max(1, multiple)) * max(1, multiple)
 
 
-def resolve_attention(requested: str | None, config: PretrainedConfig, compiled_on_cuda: bool) -> str | None:
-    """The attention implementation to build ``config``'s model with.
-
-    ``auto``: PyTorch's FlexAttention where the model class supports it, every query head has its own
-    key/value head, and the model runs compiled on CUDA (measured 5% faster than sdpa's cuDNN kernels on
-    H200, see benchmarks/RESULTS.md); otherwise ``sdpa`` (FlexAttention has no eager or CPU training
-    path, and grouped-query attention under it is not measured). Any other value is used as given.
-    """
-    if requested != "auto":
-        return requested
-    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)] if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else None
-    kv_heads = getattr(config, "num_key_value_heads", None)
-    grouped = kv_heads is not None and kv_heads != getattr(config, "num_attention_heads", kv_heads)
-    flex = compiled_on_cuda and not grouped and getattr(model_cls, "_supports_flex_attn", False)
-    return "flex_attention" if flex else "sdpa"
-
-
-def build_model(
-    cfg: ModelConfig, n_tokens: int, special_ids: dict[str, int | None], compiled_on_cuda: bool = False
-) -> PreTrainedModel:
-    """A freshly initialised decoder whose embedding covers ``n_tokens`` (padded).
-
-    ``compiled_on_cuda``: the model will train under torch.compile on CUDA (picks ``auto`` attention).
-    """
+def build_model(cfg: ModelConfig, n_tokens: int, special_ids: dict[str, int | None]) -> PreTrainedModel:
+    """A freshly initialised decoder whose embedding covers ``n_tokens`` (padded)."""
     config_cls, to_kwargs = FAMILIES[cfg.family]
     config = config_cls(
         vocab_size=padded_vocab(n_tokens, cfg.pad_vocab_to_multiple_of),
@@ -217,8 +237,7 @@ def build_model(
         **special_ids,
         **to_kwargs(cfg),
     )
-    attention = resolve_attention(cfg.attn_implementation, config, compiled_on_cuda)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -235,16 +254,12 @@ def load_model(
     path: str | Path,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
-    compiled_on_cuda: bool = False,
 ) -> PreTrainedModel:
     """Load a saved model directory (safetensors only), with a clear error if it is not one.
 
-    ``attn_implementation``: None keeps Hugging Face's choice; ``auto`` as in ``resolve_attention``.
+    ``attn_implementation``: None keeps Hugging Face's choice.
     """
     path = check_model_dir(path)
-    if attn_implementation == "auto":
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        attn_implementation = resolve_attention(attn_implementation, config, compiled_on_cuda)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from afpt.distributed import decoder_layers, full_value, fully_shard_model, layout
 from afpt.errors import AfptError
-from afpt.models import CAUSAL_SDPA, ModelConfig, build_model, load_model, one_sequence_per_row
+from afpt.models import CAUSAL_SDPA, ModelConfig, build_model, load_model, one_sequence_per_row, use_rotary_tables
 from afpt.schedule import DECAYS, lr_factor
 
 LOSSES = ("hf", "fused_linear_ce")
@@ -65,6 +65,8 @@ class CausalLMModule(pl.LightningModule):
             ``efficient``, ``math``) for models with ``attn_implementation=sdpa``; ``None``: PyTorch chooses.
         activation_checkpointing: recompute each decoder layer's activations in the backward pass
             (Hugging Face gradient checkpointing, non-reentrant): less memory, about a third more compute.
+        rotary_tables: serve rotary cos/sin from a table computed once (``afpt.models.RotaryTable``)
+            instead of recomputing them every step; exact, and faster compiled on GPU.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class CausalLMModule(pl.LightningModule):
         loss: str = "hf",
         sdpa_backend: str | None = None,
         activation_checkpointing: bool = False,
+        rotary_tables: bool = True,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -133,7 +136,9 @@ class CausalLMModule(pl.LightningModule):
             if tokenizer is None:
                 raise AfptError("a model given as a config needs a datamodule with a `tokenizer` (CorpusDataModule)")
             special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-            self.model = build_model(self.model_spec, len(tokenizer), special, self.compiles()).train()
+            self.model = build_model(self.model_spec, len(tokenizer), special).train()
+        if self.hparams.rotary_tables:
+            use_rotary_tables(self.model)
         attention = getattr(self.model.config, "_attn_implementation", None)
         if attention == "sdpa" and self.compiles():
             # Keep sdpa's unmasked causal path (flash / cuDNN kernels) under torch.compile.

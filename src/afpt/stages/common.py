@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -44,14 +43,6 @@ def build_forgetting(cfg: DictConfig, seed: int) -> ActiveForgetting | None:
         raise AfptError(f"forgetting.name={name!r} is unknown; expected 'none' or 'every_k'")
     options.setdefault("seed", seed)
     return ActiveForgetting(**options)
-
-
-def compiles_on_cuda(cfg: DictConfig) -> bool:
-    """Whether this run's model will train under torch.compile on CUDA (``optim.compile`` true or ``auto``,
-    ``trainer.accelerator`` auto, gpu or cuda, and a CUDA device present): what ``auto`` attention asks."""
-    accelerator = str(cfg.trainer.get("accelerator", "auto")).lower()
-    compiled = cfg.optim.get("compile", "auto") in (True, "auto")
-    return compiled and accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callback]) -> pl.Trainer:

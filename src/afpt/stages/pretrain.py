@@ -19,7 +19,6 @@ from afpt.stages.common import (
     build_forgetting,
     build_trainer,
     check_ckpt_path,
-    compiles_on_cuda,
     scalar_metrics,
     to_dict,
     write_json,
@@ -46,18 +45,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     tokenizer = datamodule.tokenizer
 
-    compiled_on_cuda = compiles_on_cuda(cfg)  # picks model.attn_implementation=auto
     if model_cfg.init_from:
-        model = load_model(
-            model_cfg.init_from, model_cfg.trust_remote_code, model_cfg.attn_implementation, compiled_on_cuda
-        )
+        model = load_model(model_cfg.init_from, model_cfg.trust_remote_code, model_cfg.attn_implementation)
     else:
         special = {
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-        model = build_model(model_cfg, len(tokenizer), special, compiled_on_cuda)
+        model = build_model(model_cfg, len(tokenizer), special)
     module = CausalLMModule(model, **to_dict(cfg.optim))
     trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
 
