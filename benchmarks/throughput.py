@@ -11,6 +11,7 @@ A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`
 fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true), ``cudnn`` /
 ``flash`` / ``efficient`` (optim.sdpa_backend), ``ckpt`` (optim.activation_checkpointing),
 ``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs),
+``cdt`` (optim.compile_options={coordinate_descent_tuning: true}),
 ``flex`` (model.attn_implementation=flex_attention; otherwise afpt's default sdpa, which trains compiled
 as ``afpt_sdpa``), ``norope`` (optim.rotary_tables=false), ``auto`` (optim.compile left at afpt's
 default ``auto`` instead of the ``compile`` flag's true / false).
@@ -74,6 +75,7 @@ def run_variant(
         *(["optim.rotary_tables=false"] if "norope" in flags else []),
         *(["optim.compile_mode=reduce-overhead"] if "cudagraphs" in flags else []),
         *(["optim.compile_mode=max-autotune-no-cudagraphs"] if "autotune" in flags else []),
+        *(["optim.compile_options={coordinate_descent_tuning:true}"] if "cdt" in flags else []),
         *extra,
     ]
     GlobalHydra.instance().clear()

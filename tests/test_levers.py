@@ -68,6 +68,34 @@ def test_unknown_sdpa_backend_is_refused():
         CausalLMModule(tiny_llama(tied=True), sdpa_backend="flash3")
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"compile_options": {"no_such_option": True}}, r"\['no_such_option'\] are not torch._inductor.config"),
+        (
+            {"compile_options": {"coordinate_descent_tuning": True}, "compile_mode": "max-autotune"},
+            "cannot both be set",
+        ),
+    ],
+)
+def test_bad_compile_options_are_refused(kwargs, message):
+    with pytest.raises(AfptError, match=message):
+        CausalLMModule(tiny_llama(tied=True), compile=True, **kwargs)
+
+
+def test_compile_options_reach_torch_compile(tmp_path):
+    """``optim.compile_options`` from the Hydra config is what the model is compiled with."""
+    seen = {}
+    model = tiny_llama(tied=True)
+    model.compile = lambda **kwargs: seen.update(kwargs)
+    cfg = compose_config(tmp_path, ["optim.compile_options={coordinate_descent_tuning:true}", "optim.compile=true"])
+    from afpt.stages.common import to_dict
+
+    module = CausalLMModule(model, **to_dict(cfg.optim))
+    fit(module, [], max_steps=1)
+    assert seen == {"mode": None, "options": {"coordinate_descent_tuning": True}}
+
+
 def test_unknown_compile_mode_is_refused():
     with pytest.raises(AfptError, match="optim.compile_mode must be one of"):
         CausalLMModule(tiny_llama(tied=True), compile=True, compile_mode="fastest")

@@ -57,6 +57,8 @@ class CausalLMModule(pl.LightningModule):
             compile when the trainer runs on CUDA.
         compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs),
             ``max-autotune`` or ``max-autotune-no-cudagraphs``.
+        compile_options: inductor options for ``torch.compile(options=...)`` (e.g.
+            ``{coordinate_descent_tuning: true}``), instead of a ``compile_mode``.
         grad_clip: max global gradient norm, applied by the module (Lightning's own
             ``gradient_clip_val`` refuses fused optimizers); ``None`` turns clipping off.
         loss: ``hf`` (the model's own loss on full logits) or ``fused_linear_ce`` (liger-kernel's fused
@@ -85,6 +87,7 @@ class CausalLMModule(pl.LightningModule):
         fused: bool | None = None,
         compile: bool | str = "auto",
         compile_mode: str = "default",
+        compile_options: Mapping[str, Any] | None = None,
         grad_clip: float | None = 1.0,
         loss: str = "hf",
         sdpa_backend: str | None = None,
@@ -100,6 +103,17 @@ class CausalLMModule(pl.LightningModule):
             raise AfptError(f"optim.compile must be true, false or 'auto', got {compile!r}")
         if compile_mode not in COMPILE_MODES:
             raise AfptError(f"optim.compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        if compile_options:
+            import torch._inductor.config as inductor_config
+
+            if compile_mode != "default":
+                raise AfptError(
+                    f"optim.compile_options and optim.compile_mode={compile_mode!r} cannot both be set: "
+                    "torch.compile takes a mode or options"
+                )
+            unknown = sorted(k for k in compile_options if not hasattr(inductor_config, k))
+            if unknown:
+                raise AfptError(f"optim.compile_options: {unknown} are not torch._inductor.config options")
         if sdpa_backend is not None and sdpa_backend not in SDPA_BACKENDS:
             raise AfptError(f"optim.sdpa_backend must be null or one of {sorted(SDPA_BACKENDS)}, got {sdpa_backend!r}")
         if decay not in DECAYS:
@@ -175,7 +189,8 @@ class CausalLMModule(pl.LightningModule):
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
             # The fused loss calls the decoder body directly, so that is what gets compiled.
             target = self.model.base_model if self.hparams.loss == "fused_linear_ce" else self.model
-            target.compile(mode=self.hparams.compile_mode)
+            options = dict(self.hparams.compile_options or {})
+            target.compile(mode=None if options else self.hparams.compile_mode, options=options or None)
             self._compiled = True
 
     def setup(self, stage: str) -> None:
