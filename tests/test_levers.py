@@ -126,7 +126,7 @@ def test_shipped_ddp_and_fsdp2_configs_build_their_strategies(tmp_path):
     cfg = compose_config(tmp_path, ["trainer=fsdp2", "trainer.accelerator=cpu"])
     strategy = build_trainer(cfg, tmp_path, []).strategy
     assert isinstance(strategy, FSDP2Strategy)
-    assert strategy.shard_options == {"reshard_after_forward": True, "reduce_dtype": "float32", "prefetch": 1}
+    assert strategy.shard_options == {"reshard_after_forward": False, "reduce_dtype": "float32", "prefetch": 1}
     cfg = compose_config(tmp_path, ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.strategy.prefetch=2"])
     assert build_trainer(cfg, tmp_path, []).strategy.shard_options["prefetch"] == 2
 
