@@ -54,7 +54,8 @@ class CausalLMModule(pl.LightningModule):
         fused: fused AdamW; ``None`` uses it on CUDA.
         compile: ``torch.compile`` the model in place (state-dict keys unchanged); under FSDP2 the
             whole model too (measured faster than compiling each layer before sharding). ``"auto"``:
-            compile when the trainer runs on CUDA.
+            compile when the trainer runs on CUDA. A compiled sdpa model trains as ``afpt_sdpa``
+            (``afpt.models.causal_sdpa_mask``: no mask for plain causal rows).
         compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs),
             ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         compile_options: inductor options for ``torch.compile(options=...)`` (e.g.
