@@ -174,18 +174,24 @@ def print_profiles(rows: list[dict]) -> None:
     names = sorted({k for r in rows for k in r["profile"]["kernel_ms_per_step"]})
     cols = [*names, "idle"]
     print("\nms per step (% of the step) by kernel category, 10 profiled steps (streams overlap)")
-    print("| variant | step ms | " + " | ".join(cols) + " | host gap ms |")
-    print("|" + "---|" * (len(cols) + 3))
+    print("| variant | step ms | " + " | ".join(cols) + " | host gap ms | host syncs/step |")
+    print("|" + "---|" * (len(cols) + 4))
     for row in rows:
         prof = row["profile"]
         wall = prof["wall_ms_per_step"]
         values = {**prof["kernel_ms_per_step"], "idle": prof["idle_ms_per_step"]}
         cells = [f"{values.get(c, 0):.1f} ({100 * values.get(c, 0) / wall:.0f}%)" for c in cols]
-        print(f"| {row['variant']} | {wall:.1f} | " + " | ".join(cells) + f" | {prof['host_gap_ms_per_batch']:.2f} |")
+        print(
+            f"| {row['variant']} | {wall:.1f} | "
+            + " | ".join(cells)
+            + f" | {prof['host_gap_ms_per_batch']:.2f} | {prof.get('host_syncs_per_step', 0):.1f} |"
+        )
     for row in rows:
         print(f"\ntop kernels, {row['variant']} (ms per step):")
         for name, ms in row["profile"].get("top_kernels_ms_per_step", {}).items():
             print(f"  {ms:7.2f}  {name}")
+        for site, n in row["profile"].get("sync_sites", {}).items():
+            print(f"  implicit host sync x{n}: {site}")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def test_bad_strategy_options_are_refused_by_name(tmp_path, overrides, message):
 
 
 def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
-    from afpt.throughput import KernelBreakdown, kernel_category
+    from afpt.throughput import KernelBreakdown, is_host_sync, kernel_category
 
     profile = KernelBreakdown(str(tmp_path), start_step=2, steps=3, top=4)
     fit(CausalLMModule(tiny_llama(tied=True)), [profile], max_steps=6)
@@ -164,6 +164,45 @@ def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
     assert kernel_category("triton_red_fused__log_softmax_0") == "loss (softmax / cross-entropy)"
     assert kernel_category("ncclDevKernel_AllGather_RING_LL") == "communication"
     assert kernel_category("triton_poi_fused_mul_rsqrt_1") == "other"
+    assert written["host_syncs_per_step"] == 0 and written["sync_sites"] == {}  # CPU: nothing to wait for
+    assert is_host_sync("cudaStreamSynchronize") and is_host_sync("cudaMemcpy")
+    assert not is_host_sync("cudaMemcpyAsync") and not is_host_sync("cudaLaunchKernel")
+
+
+class StepLosses(Callback):
+    """Records each training step's loss."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_progress_bar_loss_is_a_host_copy_refreshed_every_log_interval(progress_bar):
+    import lightning.pytorch as pl
+
+    losses = StepLosses()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        log_every_n_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        callbacks=[losses],
+    )
+    trainer.fit(CausalLMModule(tiny_llama(tied=True), compile=False), train_dataloaders=loader())
+    assert len(set(losses.losses)) == 4
+    # The logger and callbacks see every step's device loss; the bar never holds a device tensor.
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(losses.losses[3])
+    assert "train/loss" not in trainer.progress_bar_metrics
+    if progress_bar:  # refreshed at batches 0 and 2 only, as a host float
+        assert trainer.progress_bar_metrics["loss"] == pytest.approx(losses.losses[2])
+    else:
+        assert "loss" not in trainer.progress_bar_metrics
 
 
 def test_models_default_to_sdpa_and_keep_a_named_attention(tmp_path):

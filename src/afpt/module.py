@@ -244,12 +244,19 @@ class CausalLMModule(pl.LightningModule):
         return out.loss, n_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Mean next-token loss over the batch; logs loss and perplexity."""
+        """Mean next-token loss over the batch; logs loss and perplexity, and shows the loss in the progress bar.
+
+        The progress bar's ``loss`` is a host copy refreshed every ``trainer.log_every_n_steps`` batches:
+        Lightning reads every progress-bar value after every batch, so a device tensor there would stall
+        the host on the GPU once per step. The logger reads ``train/loss`` only when it writes.
+        """
         loss, _ = self._loss(batch)
         # A copy: CUDA graphs (compile_mode=reduce-overhead) overwrite their outputs at the next replay.
         logged = loss.detach().clone()
-        self.log("train/loss", logged, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss", logged, on_step=True, on_epoch=False)
         self.log("train/ppl", logged.exp(), on_step=True, on_epoch=False)
+        if self.trainer.progress_bar_callback is not None and batch_idx % max(self.trainer.log_every_n_steps, 1) == 0:
+            self.log("loss", logged.cpu(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,15 @@ KERNEL_CATEGORIES = {
 }
 
 
+# CUDA runtime calls that block the host until the GPU has caught up.
+HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def is_host_sync(name: str) -> bool:
+    """Whether a profiled CUDA runtime call blocks the host (``cudaMemcpyAsync`` does not by itself)."""
+    return name in HOST_SYNCS
+
+
 def kernel_category(name: str) -> str:
     """The category of a CUDA kernel by its name; ``other`` (elementwise, norms, RoPE) when none matches."""
     lower = name.lower()
@@ -148,6 +159,10 @@ class KernelBreakdown(Callback):
     can see which attention or GEMM kernel actually ran), GPU idle time (wall time covered by no kernel
     on any stream), and the host's gap between batches (data loading and hooks). Kernels on different streams overlap (communication with compute), so the categories
     can add up to more than the wall time. On CPU the categories hold the operators' own CPU time.
+
+    Host syncs: ``host_syncs_per_step`` counts the CUDA runtime calls that block the host
+    (``HOST_SYNCS``), and ``sync_sites`` names the Python lines of the implicit ones (``.item()``,
+    blocking copies), caught with ``torch.cuda.set_sync_debug_mode("warn")`` during the window.
     """
 
     def __init__(self, dirpath: str, start_step: int = 50, steps: int = 10, trace: bool = False, top: int = 12) -> None:
@@ -158,6 +173,9 @@ class KernelBreakdown(Callback):
         self._start = 0.0
         self._batch_end: float | None = None
         self._gaps: list[float] = []
+        self._warnings: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+        self._sync_mode = 0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Start at ``start_step``; record the host gap since the previous batch while profiling."""
@@ -170,6 +188,12 @@ class KernelBreakdown(Callback):
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profiler = torch.profiler.profile(activities=activities)
             self._profiler.__enter__()
+            if pl_module.device.type == "cuda":
+                self._warnings = warnings.catch_warnings(record=True)
+                self._caught = self._warnings.__enter__()
+                warnings.simplefilter("always")
+                self._sync_mode = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("warn")
             self._start = time.perf_counter()
 
     def on_train_batch_end(
@@ -179,10 +203,12 @@ class KernelBreakdown(Callback):
         self._batch_end = time.perf_counter()
         if self._profiler is None or trainer.global_step < self.start_step + self.steps:
             return
+        sites = self._stop_sync_debug()
         TokenThroughput._sync(pl_module)
         wall_ms = 1000 * (time.perf_counter() - self._start)
         self._profiler.__exit__(None, None, None)
         categories, kernels, busy = self._categories(pl_module.device.type == "cuda", wall_ms)
+        syncs = sum(1 for event in self._profiler.events() if is_host_sync(event.name))
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[: self.top]
         self.result = {
             "steps": self.steps,
@@ -192,6 +218,8 @@ class KernelBreakdown(Callback):
             "idle_ms_per_step": max(wall_ms - busy, 0.0) / self.steps,
             "busy_ms_per_step": busy / self.steps,
             "host_gap_ms_per_batch": 1000 * sum(self._gaps) / max(len(self._gaps), 1),
+            "host_syncs_per_step": syncs / self.steps,
+            "sync_sites": dict(sites.most_common(self.top)),
         }
         if trainer.is_global_zero:
             out = Path(self.dirpath)
@@ -202,6 +230,21 @@ class KernelBreakdown(Callback):
             if self.trace:
                 self._profiler.export_chrome_trace(str(out / "profile_trace.json"))
         self._profiler = None
+
+    def _stop_sync_debug(self) -> Counter:
+        """Leave sync debug mode; count the implicit syncs by Python line and re-issue other warnings."""
+        sites: Counter = Counter()
+        if self._warnings is None:
+            return sites
+        torch.cuda.set_sync_debug_mode(self._sync_mode)
+        self._warnings.__exit__(None, None, None)
+        self._warnings = None
+        for caught in self._caught:
+            if "synchronizing" in str(caught.message):
+                sites[f"{Path(caught.filename).parent.name}/{Path(caught.filename).name}:{caught.lineno}"] += 1
+            else:
+                warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+        return sites
 
     def _categories(self, cuda: bool, wall_ms: float) -> tuple[dict[str, float], dict[str, float], float]:
         """Milliseconds per category and per kernel name, and busy time: the union of kernel intervals
