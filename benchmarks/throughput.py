@@ -11,7 +11,8 @@ A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`
 fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true), ``cudnn`` /
 ``flash`` / ``efficient`` (optim.sdpa_backend), ``ckpt`` (optim.activation_checkpointing),
 ``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs),
-``cdt`` (optim.compile_options={coordinate_descent_tuning: true}),
+``cdt`` / ``twopass`` (inductor's coordinate_descent_tuning / online_softmax=false, through
+optim.compile_options),
 ``flex`` (model.attn_implementation=flex_attention; otherwise afpt's default sdpa, which trains compiled
 as ``afpt_sdpa``), ``norope`` (optim.rotary_tables=false), ``auto`` (optim.compile left at afpt's
 default ``auto`` instead of the ``compile`` flag's true / false).
@@ -39,6 +40,8 @@ VOCAB = {"llama_124m": 50304, "llama_350m": 50304, "gpt2_124m": 50304, "mistral_
 
 
 SDPA = ("cudnn", "flash", "efficient")
+# Variant flags that set inductor options (optim.compile_options).
+INDUCTOR_FLAGS = {"cdt": "coordinate_descent_tuning:true", "twopass": "online_softmax:false"}
 
 
 def run_variant(
@@ -46,6 +49,7 @@ def run_variant(
 ) -> dict:
     model, *flags = variant.split("+")
     batch = next((int(f[2:]) for f in flags if f.startswith("bs")), batch)
+    options = [option for flag, option in INDUCTOR_FLAGS.items() if flag in flags]
     overrides = [
         f"model={model}",
         f"model.pad_vocab_to_multiple_of={VOCAB.get(model, 64)}",
@@ -75,7 +79,7 @@ def run_variant(
         *(["optim.rotary_tables=false"] if "norope" in flags else []),
         *(["optim.compile_mode=reduce-overhead"] if "cudagraphs" in flags else []),
         *(["optim.compile_mode=max-autotune-no-cudagraphs"] if "autotune" in flags else []),
-        *(["optim.compile_options={coordinate_descent_tuning:true}"] if "cdt" in flags else []),
+        *([f"optim.compile_options={{{','.join(options)}}}"] if options else []),
         *extra,
     ]
     GlobalHydra.instance().clear()
