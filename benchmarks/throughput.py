@@ -7,8 +7,8 @@ torch.compile graph counts. Writes the rows as JSON to ``--out`` (default: $OUT 
 
     python benchmarks/throughput.py --variants llama_124m llama_124m+compile llama_350m+compile+fusedce+bs32
 
-A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`` (optim.loss=
-fused_linear_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true), ``cudnn`` /
+A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`` / ``ligerce``
+(optim.loss=fused_linear_ce / liger_ce), ``bs<N>`` (batch size), ``bf16true`` (trainer.precision=bf16-true), ``cudnn`` /
 ``flash`` / ``efficient`` (optim.sdpa_backend), ``ckpt`` (optim.activation_checkpointing),
 ``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs),
 ``cdt`` / ``twopass`` (inductor's coordinate_descent_tuning / online_softmax=false, through
@@ -40,6 +40,8 @@ VOCAB = {"llama_124m": 50304, "llama_350m": 50304, "gpt2_124m": 50304, "mistral_
 
 
 SDPA = ("cudnn", "flash", "efficient")
+# Variant flags that pick optim.loss.
+LOSS_FLAGS = {"fusedce": "fused_linear_ce", "ligerce": "liger_ce"}
 # Variant flags that set inductor options (optim.compile_options).
 INDUCTOR_FLAGS = {"cdt": "coordinate_descent_tuning:true", "twopass": "online_softmax:false"}
 
@@ -71,7 +73,7 @@ def run_variant(
         "callbacks.model_checkpoint=null",
         f"callbacks.throughput.window={max(10, steps // 6)}",
         *([] if "auto" in flags else [f"optim.compile={'compile' in flags}"]),
-        f"optim.loss={'fused_linear_ce' if 'fusedce' in flags else 'hf'}",
+        f"optim.loss={next((loss for flag, loss in LOSS_FLAGS.items() if flag in flags), 'hf')}",
         *(["trainer.precision=bf16-true"] if "bf16true" in flags else []),
         *[f"optim.sdpa_backend={f}" for f in flags if f in SDPA],
         *(["optim.activation_checkpointing=true"] if "ckpt" in flags else []),
@@ -90,7 +92,7 @@ def run_variant(
         if profile:  # 10 extra steps after the measured ones, so the profiler slows no throughput window
             cfg.trainer.max_steps = steps + 12
             cfg.callbacks.profile = {"_target_": "afpt.throughput.KernelBreakdown", "dirpath": run_dir}
-            cfg.callbacks.profile.update(start_step=steps + 1, steps=10)
+            cfg.callbacks.profile.update(start_step=steps + 1, steps=10, top=40)
         torch._dynamo.reset()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -111,6 +113,7 @@ def run_variant(
         "peak_mem_GB": metrics["peak_memory_gb"],
         "resets": len(resets),
         "reset_ms_max": max((r["duration_ms"] for r in resets), default=0.0),
+        "reset_host_ms_max": max((r["host_ms"] for r in resets), default=0.0),
         "reset_overhead_pct": 100 * sum(r["duration_ms"] for r in resets) / 1000 / train_time,
         "unique_graphs": counters["stats"]["unique_graphs"],
         "recompiles_after_warmup": metrics["throughput"].get("recompiles_after_warmup"),
@@ -154,6 +157,7 @@ def main() -> None:
         "peak_mem_GB",
         "resets",
         "reset_ms_max",
+        "reset_host_ms_max",
         "reset_overhead_pct",
         "unique_graphs",
         "recompiles_after_warmup",
@@ -192,7 +196,7 @@ def print_profiles(rows: list[dict]) -> None:
         )
     for row in rows:
         print(f"\ntop kernels, {row['variant']} (ms per step):")
-        for name, ms in row["profile"].get("top_kernels_ms_per_step", {}).items():
+        for name, ms in list(row["profile"].get("top_kernels_ms_per_step", {}).items())[:12]:
             print(f"  {ms:7.2f}  {name}")
         for site, n in row["profile"].get("sync_sites", {}).items():
             print(f"  implicit host sync x{n}: {site}")

@@ -169,6 +169,20 @@ def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
     assert not is_host_sync("cudaMemcpyAsync") and not is_host_sync("cudaLaunchKernel")
 
 
+def test_kernel_breakdown_names_the_line_of_an_implicit_sync():
+    from afpt.throughput import KernelBreakdown
+
+    profile = KernelBreakdown("unused")
+    message = UserWarning("called a synchronizing CUDA operation")
+    for _ in range(2):
+        profile._record_warning(message, UserWarning, "torch/cuda/__init__.py", 1)
+    line = test_kernel_breakdown_names_the_line_of_an_implicit_sync.__code__.co_firstlineno + 6
+    assert profile._stop_sync_debug() == {f"tests/test_levers.py:{line}": 2}
+    with pytest.warns(UserWarning, match="unrelated"):  # other warnings are shown as usual
+        profile._record_warning(UserWarning("unrelated"), UserWarning, __file__, 1)
+    assert profile._stop_sync_debug() == {}
+
+
 class StepLosses(Callback):
     """Records each training step's loss."""
 

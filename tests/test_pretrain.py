@@ -110,7 +110,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in resumed_metrics["resets"]] == [2, 4, 6]
 
     def strip(resets):
-        return [{k: v for k, v in r.items() if k != "duration_ms"} for r in resets]
+        return [{k: v for k, v in r.items() if k not in ("duration_ms", "host_ms")} for r in resets]
 
     assert strip(resumed_metrics["resets"]) == strip(full_metrics["resets"])
     a = load_file(full / "model" / "model.safetensors")
@@ -135,9 +135,10 @@ BAD_INPUTS = [
 
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")
-def test_fused_loss_without_liger_is_one_clear_error(tmp_run):
-    with pytest.raises(AfptError, match="needs liger-kernel"):
-        pretrain.run(compose_config(tmp_run, ["optim.loss=fused_linear_ce"]))
+@pytest.mark.parametrize("loss", ["fused_linear_ce", "liger_ce"])
+def test_liger_losses_without_liger_are_one_clear_error(tmp_run, loss):
+    with pytest.raises(AfptError, match=f"optim.loss={loss} needs liger-kernel"):
+        pretrain.run(compose_config(tmp_run, [f"optim.loss={loss}"]))
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS, ids=[o[0][-1] for o in BAD_INPUTS])

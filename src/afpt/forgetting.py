@@ -166,6 +166,7 @@ class ActiveForgetting(Callback):
         self._awaiting_loss_after = False
         self._peak_lr: float | None = None
         self._pending_check: list[torch.Tensor] | None = None
+        self._unsettled: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- resolution
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -302,47 +303,64 @@ class ActiveForgetting(Callback):
         if step == 0 or step % self.every_n_steps or step == last_reset or step >= self._total_steps(trainer):
             return
         reset_index = step // self.every_n_steps
-        start = time.perf_counter()
+        timer = ResetTimer(pl_module.device)
         self.reset(trainer, pl_module, reset_index)
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        duration_ms = 1000 * (time.perf_counter() - start)
+        duration_ms, host_ms = timer.stop()
         verify_ms = None
         if self._pending_check is not None:
             start = time.perf_counter()
             self._verify(trainer, pl_module, self._pending_check)
             self._pending_check = None
             verify_ms = 1000 * (time.perf_counter() - start)
-        before = float(self._last_loss) if self._last_loss is not None else None
-        self.history.append(
-            {
-                "step": step,
-                "reset_index": reset_index,
-                "loss_before": before,
-                "loss_after": None,
-                "duration_ms": duration_ms,
-                "verify_ms": verify_ms,
-            }
-        )
+        entry = {
+            "step": step,
+            "reset_index": reset_index,
+            "loss_before": None,
+            "loss_after": None,
+            "duration_ms": duration_ms,
+            "host_ms": host_ms,
+            "verify_ms": verify_ms,
+        }
+        self.history.append(entry)
+        self._unsettled.append(entry)
+        if self._last_loss is not None:
+            entry["loss_before"] = HostCopy(self._last_loss)
+            pl_module.log("forgetting/loss_before_reset", self._last_loss, on_step=True, on_epoch=False)
         self._awaiting_loss_after = True
-        pl_module.log("forgetting/resets", float(len(self.history)), on_step=True, on_epoch=False)
-        if before is not None:
-            pl_module.log("forgetting/loss_before_reset", before, on_step=True, on_epoch=False)
+        pl_module.log("forgetting/resets", torch.tensor(float(len(self.history))), on_step=True, on_epoch=False)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Keep the latest loss (without a host sync) and record the first loss after a reset."""
+        """Keep the latest loss and record the first loss after a reset, both without a host sync."""
         self._last_loss = _loss_of(outputs, trainer.accumulate_grad_batches)
         if self._awaiting_loss_after and self._last_loss is not None:
             self._awaiting_loss_after = False
-            after = float(self._last_loss)
-            self.history[-1]["loss_after"] = after
-            pl_module.log("forgetting/loss_after_reset", after, on_step=True, on_epoch=False)
+            self.history[-1]["loss_after"] = HostCopy(self._last_loss)
+            pl_module.log("forgetting/loss_after_reset", self._last_loss, on_step=True, on_epoch=False)
+        self.settle(wait=False)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Turn every reset's timing and losses into plain numbers."""
+        self.settle(wait=True)
+
+    def settle(self, wait: bool) -> None:
+        """Fill the history's device-side values (GPU timing, losses) that have reached the host;
+        with ``wait``, wait for all of them."""
+        still: list[dict[str, Any]] = []
+        for entry in self._unsettled:
+            pending = {k: v for k, v in entry.items() if isinstance(v, (HostCopy, ResetTimer))}
+            if wait or all(v.ready() for v in pending.values()):
+                entry.update({k: v.value() for k, v in pending.items()})
+                pending = {}
+            if pending or (entry is self.history[-1] and self._awaiting_loss_after):
+                still.append(entry)
+        self._unsettled = still
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """History and schedule state, as plain Python values (safe for ``weights_only`` loads)."""
+        self.settle(wait=True)
         return {
             "history": [dict(h) for h in self.history],
             "peak_lr": self._peak_lr,
@@ -357,6 +375,59 @@ class ActiveForgetting(Callback):
         self._awaiting_loss_after = bool(state_dict.get("awaiting_loss_after", False))
         last_loss = state_dict.get("last_loss")
         self._last_loss = None if last_loss is None else torch.tensor(last_loss)
+
+
+class HostCopy:
+    """A device scalar on its way to the host: copied without waiting, read once the copy has landed."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        value = value.detach()
+        if value.device.type == "cuda":
+            self._host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            self._host.copy_(value, non_blocking=True)
+            self._done: torch.cuda.Event | None = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = value.clone(), None
+
+    def ready(self) -> bool:
+        """Whether the copy has landed."""
+        return self._done is None or self._done.query()
+
+    def value(self) -> float:
+        """The value (waits for the copy if it has not landed)."""
+        if self._done is not None:
+            self._done.synchronize()
+        return float(self._host)
+
+
+class ResetTimer:
+    """Times a reset without a host sync: GPU time between two CUDA events (wall time on CPU), plus the
+    host time spent issuing it. A sync would also wait for every queued training step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._start = time.perf_counter()
+
+    def stop(self) -> tuple[float | ResetTimer, float]:
+        """End the timing: (duration, or this timer while the GPU has not run the reset yet; host ms)."""
+        host_ms = 1000 * (time.perf_counter() - self._start)
+        if self._events is None:
+            return host_ms, host_ms
+        self._events[1].record()
+        return self, host_ms
+
+    def ready(self) -> bool:
+        """Whether the GPU has run the reset."""
+        return self._events is None or self._events[1].query()
+
+    def value(self) -> float:
+        """GPU milliseconds of the reset (waits for it if it has not run yet)."""
+        self._events[1].synchronize()
+        return self._events[0].elapsed_time(self._events[1])
 
 
 def _loss_of(outputs: Any, accumulate_grad_batches: int) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from afpt.errors import AfptError
 from afpt.models import CAUSAL_SDPA, ModelConfig, build_model, load_model, one_sequence_per_row, use_rotary_tables
 from afpt.schedule import DECAYS, lr_factor
 
-LOSSES = ("hf", "fused_linear_ce")
+LOSSES = ("hf", "liger_ce", "fused_linear_ce")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -62,8 +62,10 @@ class CausalLMModule(pl.LightningModule):
             ``{coordinate_descent_tuning: true}``), instead of a ``compile_mode``.
         grad_clip: max global gradient norm, applied by the module (Lightning's own
             ``gradient_clip_val`` refuses fused optimizers); ``None`` turns clipping off.
-        loss: ``hf`` (the model's own loss on full logits) or ``fused_linear_ce`` (liger-kernel's fused
-            head matmul + cross-entropy in chunks, so the logits are never materialised; CUDA only).
+        loss: ``hf`` (the model's own loss on full logits, compiled with the model), ``liger_ce``
+            (liger-kernel's cross-entropy kernel on the full bf16 logits, which writes their gradient in
+            place; CUDA only) or ``fused_linear_ce`` (liger-kernel's fused head matmul + cross-entropy in
+            chunks, so the logits are never materialised; CUDA only).
         sdpa_backend: pin ``scaled_dot_product_attention`` to one kernel (``flash``, ``cudnn``,
             ``efficient``, ``math``) for models with ``attn_implementation=sdpa``; ``None``: PyTorch chooses.
         activation_checkpointing: recompute each decoder layer's activations in the backward pass
@@ -98,8 +100,8 @@ class CausalLMModule(pl.LightningModule):
         super().__init__()
         if loss not in LOSSES:
             raise AfptError(f"optim.loss must be one of {LOSSES}, got {loss!r}")
-        if loss == "fused_linear_ce" and importlib.util.find_spec("liger_kernel") is None:
-            raise AfptError("optim.loss=fused_linear_ce needs liger-kernel (CUDA only): pip install liger-kernel")
+        if loss != "hf" and importlib.util.find_spec("liger_kernel") is None:
+            raise AfptError(f"optim.loss={loss} needs liger-kernel (CUDA only): pip install liger-kernel")
         if not isinstance(compile, bool) and compile != "auto":
             raise AfptError(f"optim.compile must be true, false or 'auto', got {compile!r}")
         if compile_mode not in COMPILE_MODES:
@@ -168,6 +170,10 @@ class CausalLMModule(pl.LightningModule):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             self._fused_ce = LigerFusedLinearCrossEntropyLoss()
+        if self.hparams.loss == "liger_ce" and not hasattr(self, "_liger_ce"):
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+
+            self._liger_ce = LigerCrossEntropyLoss()
         if self.hparams.activation_checkpointing and not activation_checkpointing_on(self.model):
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # newer transformers
             if enable is not None:
@@ -236,6 +242,14 @@ class CausalLMModule(pl.LightningModule):
                 getattr(head, "bias", None),
             )
             return loss, n_tokens
+        if self.hparams.loss == "liger_ce":
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+            ).logits
+            # Position t predicts token t + 1; the last position predicts nothing. Shifting the labels, not
+            # slicing the logits, keeps the logits contiguous (no copy).
+            targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            return self._liger_ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), n_tokens
         # No KV cache (HF builds one by default, in training too): nothing is generated, and under FSDP each
         # compiled layer would guard on the cache's state.
         out = self.model(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -97,7 +99,8 @@ class TokenThroughput(Callback):
         self.records.append(record)
         for key, value in record.items():
             if key != "step":
-                pl_module.log(f"perf/{key}", value, on_step=True, on_epoch=False)
+                # A host tensor: a Python number would be copied to the device, a blocking copy.
+                pl_module.log(f"perf/{key}", torch.tensor(value), on_step=True, on_epoch=False)
         self._start, self._start_step, self._tokens = time.perf_counter(), trainer.global_step, 0
 
     def summary(self) -> dict[str, float]:
@@ -174,7 +177,8 @@ class KernelBreakdown(Callback):
         self._batch_end: float | None = None
         self._gaps: list[float] = []
         self._warnings: warnings.catch_warnings | None = None
-        self._caught: list[warnings.WarningMessage] = []
+        self._sites: Counter = Counter()
+        self._show = warnings.showwarning
         self._sync_mode = 0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -189,9 +193,10 @@ class KernelBreakdown(Callback):
             self._profiler = torch.profiler.profile(activities=activities)
             self._profiler.__enter__()
             if pl_module.device.type == "cuda":
-                self._warnings = warnings.catch_warnings(record=True)
-                self._caught = self._warnings.__enter__()
+                self._warnings = warnings.catch_warnings()
+                self._warnings.__enter__()
                 warnings.simplefilter("always")
+                self._show, warnings.showwarning = warnings.showwarning, self._record_warning
                 self._sync_mode = torch.cuda.get_sync_debug_mode()
                 torch.cuda.set_sync_debug_mode("warn")
             self._start = time.perf_counter()
@@ -231,19 +236,24 @@ class KernelBreakdown(Callback):
                 self._profiler.export_chrome_trace(str(out / "profile_trace.json"))
         self._profiler = None
 
+    def _record_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """Count a sync warning by the innermost calling line outside torch; show any other warning."""
+        if "synchronizing" not in str(message):
+            self._show(message, category, filename, lineno, file, line)
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}torch{os.sep}" not in f.filename]
+        frame = frames[-1] if frames else None
+        where = f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}" if frame else filename
+        self._sites[where] += 1
+
     def _stop_sync_debug(self) -> Counter:
-        """Leave sync debug mode; count the implicit syncs by Python line and re-issue other warnings."""
-        sites: Counter = Counter()
-        if self._warnings is None:
-            return sites
-        torch.cuda.set_sync_debug_mode(self._sync_mode)
-        self._warnings.__exit__(None, None, None)
-        self._warnings = None
-        for caught in self._caught:
-            if "synchronizing" in str(caught.message):
-                sites[f"{Path(caught.filename).parent.name}/{Path(caught.filename).name}:{caught.lineno}"] += 1
-            else:
-                warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+        """Leave sync debug mode and return the implicit syncs counted by calling line."""
+        if self._warnings is not None:
+            torch.cuda.set_sync_debug_mode(self._sync_mode)
+            warnings.showwarning = self._show
+            self._warnings.__exit__(None, None, None)
+            self._warnings = None
+        sites, self._sites = self._sites, Counter()
         return sites
 
     def _categories(self, cuda: bool, wall_ms: float) -> tuple[dict[str, float], dict[str, float], float]:
