@@ -83,17 +83,41 @@ def test_bad_compile_options_are_refused(kwargs, message):
         CausalLMModule(tiny_llama(tied=True), compile=True, **kwargs)
 
 
-def test_compile_options_reach_torch_compile(tmp_path):
-    """``optim.compile_options`` from the Hydra config is what the model is compiled with."""
-    seen = {}
-    model = tiny_llama(tied=True)
-    model.compile = lambda **kwargs: seen.update(kwargs)
+def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):
+    """``optim.compile_options`` from the Hydra config is what the loss is compiled with."""
+    seen = []
+
+    def recording_compile(fn, **kwargs):
+        seen.append((fn.__name__, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
     cfg = compose_config(tmp_path, ["optim.compile_options={coordinate_descent_tuning:true}", "optim.compile=true"])
     from afpt.stages.common import to_dict
 
-    module = CausalLMModule(model, **to_dict(cfg.optim))
+    module = CausalLMModule(tiny_llama(tied=True), **to_dict(cfg.optim))
     fit(module, [], max_steps=1)
-    assert seen == {"mode": None, "options": {"coordinate_descent_tuning": True}}
+    assert seen == [("_hf_loss", {"mode": None, "options": {"coordinate_descent_tuning": True}})]
+
+
+def test_the_compiled_hf_loss_has_the_loss_as_its_only_differentiable_output(monkeypatch):
+    """No logits leave the graph, so autograd fills no logits-sized zero gradient in the backward."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=recording_backend))
+    torch._dynamo.reset()
+    trainer = fit(CausalLMModule(tiny_llama(tied=True), compile=True), [], max_steps=2)
+    assert trainer.global_step == 2 and graphs
+    for gm in graphs:
+        (output,) = [node for node in gm.graph.nodes if node.op == "output"]
+        values = [node.meta["example_value"] for node in output.args[0] if hasattr(node, "meta")]
+        differentiable = [v for v in values if v.requires_grad]
+        assert len(differentiable) == 1 and differentiable[0].dim() == 0
 
 
 def test_unknown_compile_mode_is_refused():

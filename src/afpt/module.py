@@ -52,9 +52,11 @@ class CausalLMModule(pl.LightningModule):
         warmup_fraction, decay, min_lr_ratio: linear warmup, then cosine/linear/constant decay.
         total_steps: length of the schedule; default: the trainer's estimated stepping batches.
         fused: fused AdamW; ``None`` uses it on CUDA.
-        compile: ``torch.compile`` the model in place (state-dict keys unchanged); under FSDP2 the
-            whole model too (measured faster than compiling each layer before sharding). ``"auto"``:
-            compile when the trainer runs on CUDA. A compiled sdpa model trains as ``afpt_sdpa``
+        compile: ``torch.compile`` the loss computation: for ``loss=hf`` one graph from tokens to loss,
+            with the loss its only output (so no zero gradient is filled for the logits); for the liger
+            losses the model (or its decoder body) in place. State-dict keys are unchanged; under FSDP2
+            the whole model is compiled too (measured faster than compiling each layer before sharding).
+            ``"auto"``: compile when the trainer runs on CUDA. A compiled sdpa model trains as ``afpt_sdpa``
             (``afpt.models.causal_sdpa_mask``: no mask for plain causal rows).
         compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs),
             ``max-autotune`` or ``max-autotune-no-cudagraphs``.
@@ -194,10 +196,15 @@ class CausalLMModule(pl.LightningModule):
                 # remaining layers would silently run uncompiled.
                 needed = 2 * len(decoder_layers(self.model)) + 8
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
-            # The fused loss calls the decoder body directly, so that is what gets compiled.
-            target = self.model.base_model if self.hparams.loss == "fused_linear_ce" else self.model
             options = dict(self.hparams.compile_options or {})
-            target.compile(mode=None if options else self.hparams.compile_mode, options=options or None)
+            how = {"mode": None if options else self.hparams.compile_mode, "options": options or None}
+            if self.hparams.loss == "hf":
+                # One graph from tokens to loss, whose only differentiable output is the loss. A compiled
+                # model would also output the logits, and autograd would fill a zero gradient for them
+                # (a logits-sized write, and a read in the loss's backward, every step).
+                self._compiled_hf_loss = torch.compile(self._hf_loss, **how)
+            else:  # the fused loss calls the decoder body directly, so that is what gets compiled
+                (self.model.base_model if self.hparams.loss == "fused_linear_ce" else self.model).compile(**how)
             self._compiled = True
 
     def setup(self, stage: str) -> None:
@@ -250,12 +257,15 @@ class CausalLMModule(pl.LightningModule):
             # slicing the logits, keeps the logits contiguous (no copy).
             targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
             return self._liger_ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), n_tokens
+        loss = getattr(self, "_compiled_hf_loss", None) or self._hf_loss
+        return loss(batch["input_ids"], batch.get("attention_mask"), labels), n_tokens
+
+    def _hf_loss(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> torch.Tensor:
         # No KV cache (HF builds one by default, in training too): nothing is generated, and under FSDP each
         # compiled layer would guard on the cache's state.
-        out = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels, use_cache=False
-        )
-        return out.loss, n_tokens
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean next-token loss over the batch; logs loss and perplexity, and shows the loss in the progress bar.

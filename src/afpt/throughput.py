@@ -241,7 +241,8 @@ class KernelBreakdown(Callback):
         if "synchronizing" not in str(message):
             self._show(message, category, filename, lineno, file, line)
             return
-        frames = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}torch{os.sep}" not in f.filename]
+        skip = (f"{os.sep}torch{os.sep}", warnings.__file__)
+        frames = [f for f in traceback.extract_stack()[:-1] if not any(part in f.filename for part in skip)]
         frame = frames[-1] if frames else None
         where = f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}" if frame else filename
         self._sites[where] += 1
