@@ -53,9 +53,9 @@ class CausalLMModule(pl.LightningModule):
         total_steps: length of the schedule; default: the trainer's estimated stepping batches.
         fused: fused AdamW; ``None`` uses it on CUDA.
         compile: ``torch.compile`` the loss computation: for ``loss=hf`` one graph from tokens to loss,
-            with the loss its only output (so no zero gradient is filled for the logits); for the liger
-            losses the model (or its decoder body) in place. State-dict keys are unchanged; under FSDP2
-            the whole model is compiled too (measured faster than compiling each layer before sharding).
+            with the loss its only output (so no zero gradient is filled for the logits); under FSDP2
+            (measured faster) and for the liger losses, the model (or its decoder body) in place, after
+            sharding. State-dict keys are unchanged.
             ``"auto"``: compile when the trainer runs on CUDA. A compiled sdpa model trains as ``afpt_sdpa``
             (``afpt.models.causal_sdpa_mask``: no mask for plain causal rows).
         compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs),
@@ -198,10 +198,11 @@ class CausalLMModule(pl.LightningModule):
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
             options = dict(self.hparams.compile_options or {})
             how = {"mode": None if options else self.hparams.compile_mode, "options": options or None}
-            if self.hparams.loss == "hf":
+            if self.hparams.loss == "hf" and self.device_mesh is None:
                 # One graph from tokens to loss, whose only differentiable output is the loss. A compiled
                 # model would also output the logits, and autograd would fill a zero gradient for them
-                # (a logits-sized write, and a read in the loss's backward, every step).
+                # (a logits-sized write, and a read in the loss's backward, every step). Under FSDP2 the
+                # model compiled in place measured faster.
                 self._compiled_hf_loss = torch.compile(self._hf_loss, **how)
             else:  # the fused loss calls the decoder body directly, so that is what gets compiled
                 (self.model.base_model if self.hparams.loss == "fused_linear_ce" else self.model).compile(**how)

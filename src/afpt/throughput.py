@@ -196,9 +196,9 @@ class KernelBreakdown(Callback):
                 self._warnings = warnings.catch_warnings()
                 self._warnings.__enter__()
                 warnings.simplefilter("always")
-                self._show, warnings.showwarning = warnings.showwarning, self._record_warning
                 self._sync_mode = torch.cuda.get_sync_debug_mode()
-                torch.cuda.set_sync_debug_mode("warn")
+                torch.cuda.set_sync_debug_mode("warn")  # its own warning is not a sync of the run
+                self._show, warnings.showwarning = warnings.showwarning, self._record_warning
             self._start = time.perf_counter()
 
     def on_train_batch_end(
