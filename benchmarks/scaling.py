@@ -40,7 +40,7 @@ def run_setting(
     devices = 1 if base == "1gpu" else gpus
     # The profiled steps come after the measured ones, so the profiler slows no throughput window.
     profiling = [
-        "+callbacks.profile._target_=afpt.throughput.KernelBreakdown",
+        "+callbacks.profile._target_=afpt.speed.throughput.KernelBreakdown",
         f"+callbacks.profile.dirpath={run_dir}",
         f"+callbacks.profile.start_step={steps + 1}",
         "+callbacks.profile.steps=10",

@@ -1,6 +1,6 @@
 """Throughput of afpt's real pretraining path (``afpt stage=pretrain`` with forgetting on).
 
-Runs each variant through ``afpt.stages.pretrain.run`` on the embedded world (the embedding padded to
+Runs each variant through ``afpt.pretrain.stage.run`` on the embedded world (the embedding padded to
 the model config's vocabulary, so the logits cost what they cost with a real tokenizer), then prints a
 table: tokens/s, MFU (afpt's dense-bf16 peak table), step time, peak memory, reset time, and
 torch.compile graph counts. Writes the rows as JSON to ``--out`` (default: $OUT or benchmarks/).
@@ -16,7 +16,7 @@ optim.compile_options),
 ``flex`` (model.attn_implementation=flex_attention; otherwise afpt's default sdpa, which trains compiled
 as ``afpt_sdpa``), ``norope`` (optim.rotary_tables=false), ``auto`` (optim.compile left at afpt's
 default ``auto`` instead of the ``compile`` flag's true / false).
-``--profile`` adds ``afpt.throughput.KernelBreakdown`` and splits the GPU time of 10 extra steps, run
+``--profile`` adds ``afpt.speed.throughput.KernelBreakdown`` and splits the GPU time of 10 extra steps, run
 after the measured ones, by kernel category (attention, matmul, loss, optimizer, other, idle).
 """
 
@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from afpt.stages import pretrain
+import afpt.pretrain.stage as pretrain
 
 VOCAB = {"llama_124m": 50304, "llama_350m": 50304, "gpt2_124m": 50304, "mistral_400m": 32000, "tiny": 4096}
 
@@ -91,7 +91,7 @@ def run_variant(
         cfg.paths.run_dir = run_dir
         if profile:  # 10 extra steps after the measured ones, so the profiler slows no throughput window
             cfg.trainer.max_steps = steps + 12
-            cfg.callbacks.profile = {"_target_": "afpt.throughput.KernelBreakdown", "dirpath": run_dir}
+            cfg.callbacks.profile = {"_target_": "afpt.speed.throughput.KernelBreakdown", "dirpath": run_dir}
             cfg.callbacks.profile.update(start_step=steps + 1, steps=10, top=40)
         torch._dynamo.reset()
         if torch.cuda.is_available():

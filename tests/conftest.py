@@ -47,8 +47,11 @@ TINY = [
 def compose_config(tmp_path: Path, overrides: list[str] = (), tiny: bool = True) -> DictConfig:
     """The real afpt config, composed (with tiny sizes unless ``tiny=False``) and a run dir under ``tmp_path``."""
     GlobalHydra.instance().clear()
+    tiny_overrides = list(TINY if tiny else [])
+    if "forgetting=none" in overrides:  # no forgetting node to set options on
+        tiny_overrides = [o for o in tiny_overrides if not o.startswith("++forgetting.")]
     with initialize_config_module(config_module="afpt.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*(TINY if tiny else []), *overrides])
+        cfg = compose(config_name="config", overrides=[*tiny_overrides, *overrides])
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path)
     return cfg

@@ -15,8 +15,8 @@ from conftest import loader, tiny_llama
 from torch.distributed.fsdp import FSDPModule
 
 from afpt import ActiveForgetting, CausalLMModule
-from afpt.distributed import FSDP2Strategy, ddp_strategy, fsdp_strategy, full_parameters, full_value, local
-from afpt.throughput import compile_health
+from afpt.speed.distributed import FSDP2Strategy, ddp_strategy, fsdp_strategy, full_parameters, full_value, local
+from afpt.speed.throughput import compile_health
 
 # DDP with bf16-compressed all-reduce in small buckets; FSDP2 with bf16 reduce-scatter and explicit
 # prefetching (its model is untied with two layers, so embedding and head are FSDP units of their own).

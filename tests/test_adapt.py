@@ -11,14 +11,15 @@ import torch
 from conftest import compose_config, fit, tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import afpt.adapt.stage as adapt
+import afpt.pretrain.stage as pretrain
 from afpt import CausalLMModule
+from afpt.adapt.expansion import apply_policy, changed_frozen, expand_vocabulary, frozen_snapshot
+from afpt.adapt.initializers import init_from_overlap, init_mean, init_new_rows, init_random, overlap_weights
+from afpt.adapt.vocab import canonical_token, merge_tokenizers, train_language_tokenizer
 from afpt.data import train_tokenizer
+from afpt.data.world import World
 from afpt.errors import AfptError
-from afpt.initializers import init_from_overlap, init_mean, init_new_rows, init_random, overlap_weights
-from afpt.stages import adapt, pretrain
-from afpt.stages.adapt import apply_policy, changed_frozen, expand_vocabulary, frozen_snapshot
-from afpt.vocab import canonical_token, merge_tokenizers, train_language_tokenizer
-from afpt.world import World
 
 
 @pytest.fixture(scope="module")

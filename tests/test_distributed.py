@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from afpt.forgetting import reinitialize_, reset_seed
+from afpt.pretrain.forgetting import reinitialize_, reset_seed
 
 HERE = Path(__file__).parent
 

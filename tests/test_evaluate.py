@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import TINY, compose_config
 
+import afpt.evaluate.stage as evaluate
+import afpt.pretrain.stage as pretrain
 from afpt.data import load_tokenizer
 from afpt.errors import AfptError
-from afpt.evaluation import random_pair_baseline, sample_occurrences, self_similarity, text_nll
+from afpt.evaluate.metrics import random_pair_baseline, sample_occurrences, self_similarity, text_nll
 from afpt.models import load_model
-from afpt.stages import evaluate, pretrain
 
 FAST = [
     "stage=evaluate",
@@ -253,7 +254,7 @@ def test_empty_task_file_and_empty_heldout_file_are_refused(base_model, tmp_path
 
 @pytest.mark.slow
 def test_paper_config_names_only_tasks_lm_eval_knows(tmp_path):
-    from afpt.harness import check_tasks, parse_tasks, task_manager
+    from afpt.evaluate.harness import check_tasks, parse_tasks, task_manager
 
     cfg = compose_config(tmp_path, ["stage=evaluate", "evaluate=paper"])
     specs = parse_tasks(cfg.evaluate.tasks, cfg.evaluate.num_fewshot)

@@ -12,8 +12,8 @@ from lightning.pytorch import Callback
 
 from afpt import ActiveForgetting, CausalLMModule
 from afpt.errors import AfptError
-from afpt.forgetting import find_model, reinitialize_, reset_seed
-from afpt.schedule import episode_step, lr_factor
+from afpt.pretrain.forgetting import find_model, reinitialize_, reset_seed
+from afpt.pretrain.schedule import episode_step, lr_factor
 
 
 class Snapshot(Callback):
@@ -204,7 +204,7 @@ def test_module_without_embeddings_is_refused():
 
 
 def test_throughput_callback_logs_tokens_per_second_in_windows():
-    from afpt.throughput import TokenThroughput, flops_per_token
+    from afpt.speed.throughput import TokenThroughput, flops_per_token
 
     monitor = TokenThroughput(window=2)
     module = CausalLMModule(tiny_llama(tied=True), lr=1e-2)

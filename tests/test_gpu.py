@@ -10,8 +10,8 @@ import torch
 from conftest import loader, tiny_llama
 
 from afpt import CausalLMModule
-from afpt.forgetting import ActiveForgetting
-from afpt.throughput import KernelBreakdown
+from afpt.pretrain.forgetting import ActiveForgetting
+from afpt.speed.throughput import KernelBreakdown
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -9,9 +9,11 @@ import pytest
 from conftest import compose_config, tiny_llama
 from transformers import AutoTokenizer
 
-from afpt.chat import CHATML_TEMPLATE, encode_conversation, ensure_chatml, load_conversations
+import afpt.instruct.generate as generate
+import afpt.instruct.stage as instruct
+import afpt.pretrain.stage as pretrain
 from afpt.data import DataError, train_tokenizer
-from afpt.stages import generate, instruct, pretrain
+from afpt.instruct.chat import CHATML_TEMPLATE, encode_conversation, ensure_chatml, load_conversations
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -135,7 +137,7 @@ def test_tuning_on_world_questions_raises_the_gold_answer_likelihood(tmp_path, c
                 "stage=instruct",
                 f"init_from={base / 'model'}",
                 "instruct.epochs=2",
-                "instruct.lr=5e-3",
+                "instruct.optim.lr=5e-3",
                 "instruct.eval_questions=10",
                 "instruct.max_length=256",
             ],

@@ -12,11 +12,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.masking_utils import sdpa_mask
 
 from afpt import CausalLMModule
-from afpt.distributed import fsdp_strategy
 from afpt.errors import AfptError
-from afpt.models import CAUSAL_SDPA, RotaryTable, one_sequence_per_row, use_rotary_tables
-from afpt.module import activation_checkpointing_on
-from afpt.stages.common import build_trainer
+from afpt.speed.attention import CAUSAL_SDPA, RotaryTable, one_sequence_per_row, use_rotary_tables
+from afpt.speed.distributed import fsdp_strategy
+from afpt.speed.levers import activation_checkpointing_on
+from afpt.stages import build_trainer
 
 
 def gradients_after_one_step(activation_checkpointing: bool) -> dict[str, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     cfg = compose_config(tmp_path, ["optim.compile_options={coordinate_descent_tuning:true}", "optim.compile=true"])
-    from afpt.stages.common import to_dict
+    from afpt.stages import to_dict
 
     module = CausalLMModule(tiny_llama(tied=True), **to_dict(cfg.optim))
     fit(module, [], max_steps=1)
@@ -133,15 +133,15 @@ def test_fsdp_without_original_parameters_is_refused():
 def test_a_strategy_that_cannot_be_built_names_its_target(tmp_path):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "strategy": {"_target_": "afpt.distributed.nope"}}})
-    with pytest.raises(AfptError, match="trainer.strategy: cannot build 'afpt.distributed.nope'"):
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "strategy": {"_target_": "afpt.speed.distributed.nope"}}})
+    with pytest.raises(AfptError, match="trainer.strategy: cannot build 'afpt.speed.distributed.nope'"):
         build_trainer(cfg, tmp_path, [])
 
 
 def test_shipped_ddp_and_fsdp2_configs_build_their_strategies(tmp_path):
     from lightning.pytorch.strategies import DDPStrategy
 
-    from afpt.distributed import FSDP2Strategy
+    from afpt.speed.distributed import FSDP2Strategy
 
     cfg = compose_config(tmp_path, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy.comm_hook=bf16"])
     strategy = build_trainer(cfg, tmp_path, []).strategy
@@ -170,7 +170,7 @@ def test_bad_strategy_options_are_refused_by_name(tmp_path, overrides, message):
 
 
 def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
-    from afpt.throughput import KernelBreakdown, is_host_sync, kernel_category
+    from afpt.speed.throughput import KernelBreakdown, is_host_sync, kernel_category
 
     profile = KernelBreakdown(str(tmp_path), start_step=2, steps=3, top=4)
     fit(CausalLMModule(tiny_llama(tied=True)), [profile], max_steps=6)
@@ -194,7 +194,7 @@ def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
 
 
 def test_kernel_breakdown_names_the_line_of_an_implicit_sync():
-    from afpt.throughput import KernelBreakdown
+    from afpt.speed.throughput import KernelBreakdown
 
     profile = KernelBreakdown("unused")
     message = UserWarning("called a synchronizing CUDA operation")
@@ -361,7 +361,7 @@ def test_compiled_causal_sdpa_drops_the_mask_only_for_plain_rows():
 
 def test_compiled_training_builds_no_attention_mask(monkeypatch):
     """A compiled fit (real inductor) switches sdpa models to afpt_sdpa and never builds a mask."""
-    import afpt.models
+    import afpt.speed.attention
 
     built = []
 
@@ -369,7 +369,7 @@ def test_compiled_training_builds_no_attention_mask(monkeypatch):
         built.append(kwargs["q_length"])
         return sdpa_mask(**kwargs)
 
-    monkeypatch.setattr(afpt.models, "sdpa_mask", recording_sdpa_mask)
+    monkeypatch.setattr(afpt.speed.attention, "sdpa_mask", recording_sdpa_mask)
     torch._dynamo.reset()
     module = CausalLMModule(tiny_llama(tied=True), compile=True)
     trainer = fit(module, [], max_steps=2)

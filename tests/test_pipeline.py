@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import afpt.conf
 import pytest
 from conftest import TINY, compose_config
 
-from afpt.forgetting import ActiveForgetting
+import afpt.study.pipeline as pipeline
 from afpt.lightning_cli import cli
-from afpt.stages import pipeline
-from afpt.summary import write_summary
+from afpt.pretrain.forgetting import ActiveForgetting
+from afpt.study.summary import write_summary
 
 FAST_STUDY = [
     "stage=pipeline",
@@ -58,8 +60,10 @@ def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     report = (study / "report" / "report.md").read_text()
     for section in ("## Pretraining", "## Adaptation", "## Instruction tuning", "## Evaluation of every model"):
         assert section in report
-    for png in ("pretrain_loss_af.png", "adaptation.png", "bars_acc.png", "bars_perplexity_per_character.png"):
-        assert (study / "report" / png).stat().st_size > 5_000
+    for png in ("pretrain_af/loss.png", "adapt_af/adaptation.png", "evaluate/comparison.png"):
+        assert (study / png).stat().st_size > 5_000
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):  # every plot the report links exists
+        assert (study / "report" / link).is_file(), link
     assert "af/adapt/mean_ppl_char" in out and "adapt_ppl_char_gain" in out
     assert "eval/af_adapted/task/afpt_mc/acc" in out and "eval/baseline/isotropy/mean/self_similarity" in out
 
@@ -86,7 +90,7 @@ def test_pipeline_needs_forgetting_to_compare(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", sorted(p.stem for p in (Path(__file__).parents[1] / "src/afpt/conf/experiment").glob("*.yaml"))
+    "name", sorted(p.stem for p in (Path(afpt.conf.__file__).parent / "experiment").glob("*.yaml"))
 )
 def test_every_experiment_config_runs(tmp_path, name):
     """Each experiment composes; a fast run exercises it (the paper one pretrains on the world, on CPU)."""
@@ -114,7 +118,7 @@ def test_every_experiment_config_runs(tmp_path, name):
             "trainer.val_check_interval=3",
             *TINY,
         ]
-        from afpt.stages import pretrain
+        import afpt.pretrain.stage as pretrain
 
         metrics = pretrain.run(compose_config(tmp_path, overrides, tiny=False))
         assert metrics["global_step"] == 6
@@ -173,7 +177,7 @@ def test_lightning_cli_trains_with_forgetting(tmp_path, monkeypatch):
             "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=false",
-            "--trainer.callbacks+=afpt.forgetting.ActiveForgetting",
+            "--trainer.callbacks+=afpt.pretrain.forgetting.ActiveForgetting",
             "--trainer.callbacks.every_n_steps=2",
         ]
     )

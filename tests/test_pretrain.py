@@ -9,16 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import afpt.conf
 import pytest
 import torch
 from conftest import compose_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import afpt.pretrain.stage as pretrain
 from afpt.errors import AfptError
-from afpt.stages import pretrain
 
-CONF = Path(__file__).resolve().parents[1] / "src" / "afpt" / "conf"
+CONF = Path(afpt.conf.__file__).parent
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 FORGETTING = sorted(p.stem for p in (CONF / "forgetting").glob("*.yaml"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from afpt.world import World, WorldConfig
+from afpt.data.world import World, WorldConfig
 
 
 def test_world_is_deterministic_and_seeded():

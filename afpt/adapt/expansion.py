@@ -1,0 +1,175 @@
+"""Vocabulary expansion: the merged tokenizer, new embedding rows (random, mean, CLP, FOCUS), and the freeze
+policies that say what adaptation trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from afpt.adapt.initializers import init_new_rows
+from afpt.adapt.vocab import canonical_token, is_byte_level, merge_tokenizers, train_language_tokenizer
+from afpt.data import PretrainDataModule, load_tokenizer
+from afpt.io import atomic_save
+from afpt.models import ModelConfig, build_model, check_model_dir, is_tied, load_model, padded_vocab, untied_head
+from afpt.pretrain.module import CausalLMModule
+
+POLICIES = ("new_rows_and_head", "embeddings", "full")
+
+
+def merged_tokenizer_for_run(base, corpus, cache_dir: Path, vocab_size: int, sample_docs: int):
+    """The merged tokenizer, cached in the run directory so a resumed run gets the same one."""
+    if (cache_dir / "tokenizer.json").is_file():
+        return load_tokenizer(cache_dir)
+    texts = [t for ds in corpus.train.values() for t in ds.select(range(min(sample_docs, len(ds))))["text"]]
+    new = train_language_tokenizer(base, texts, vocab_size)
+    merged = merge_tokenizers(base, new, vocab_size)
+    atomic_save(merged.save_pretrained, cache_dir)
+    return merged
+
+
+def train_helper(cfg, tokenizer, train_blocks: dict, seed: int) -> torch.Tensor:
+    """Train a small decoder on the adaptation corpus with the merged tokenizer; return its input embeddings."""
+    helper_cfg = ModelConfig(
+        name="helper",
+        family="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        intermediate_size=4 * cfg.hidden_size,
+        pad_vocab_to_multiple_of=1,
+    )
+    pl.seed_everything(seed)
+    model = build_model(helper_cfg, len(tokenizer), {"pad_token_id": tokenizer.pad_token_id})
+    datamodule = PretrainDataModule(train_blocks, {}, batch_size=cfg.batch_size, seed=seed)
+    trainer = pl.Trainer(
+        max_steps=cfg.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="auto",
+        devices=1,
+    )
+    trainer.fit(CausalLMModule(model, lr=cfg.lr, warmup_fraction=0.1, compile=False), datamodule=datamodule)
+    return model.get_input_embeddings().weight.detach().float().cpu()
+
+
+def helper_rows(helper: torch.Tensor, helper_tokenizer, tokenizer, ids: list[int]) -> torch.Tensor:
+    """The helper's row for each token id of ``tokenizer`` (matched as canonical text), NaN where it has none."""
+    helper_byte_level = is_byte_level(helper_tokenizer)
+    index = {canonical_token(t, helper_byte_level): i for t, i in helper_tokenizer.get_vocab().items()}
+    byte_level = is_byte_level(tokenizer)
+    rows = torch.full((len(ids), helper.shape[1]), float("nan"))
+    for row, token in enumerate(tokenizer.convert_ids_to_tokens(ids)):
+        i = index.get(canonical_token(token, byte_level))
+        if i is not None and i < helper.shape[0]:
+            rows[row] = helper[i]
+    return rows
+
+
+def prepare_helper(a, merged, train_blocks: dict, n_old: int, seed: int):
+    """Helper embeddings for the new tokens and for the old tokens seen in the adaptation corpus."""
+    if a.helper.path:
+        helper_model = load_model(check_model_dir(a.helper.path))
+        helper_tok = load_tokenizer(a.helper.path)
+        helper = helper_model.get_input_embeddings().weight.detach().float()
+    else:
+        helper, helper_tok = train_helper(a.helper, merged, train_blocks, seed), merged
+    seen = torch.zeros(len(merged), dtype=torch.bool)
+    for ds in train_blocks.values():
+        seen[torch.unique(ds[:]["input_ids"].flatten())] = True
+    specials = set(merged.all_special_ids)
+    candidates = [i for i in range(n_old) if seen[i] and i not in specials]
+    overlap_rows = helper_rows(helper, helper_tok, merged, candidates)
+    keep = torch.isfinite(overlap_rows).all(dim=1)
+    overlap_ids = [i for i, k in zip(candidates, keep.tolist()) if k]
+    new_rows = helper_rows(helper, helper_tok, merged, list(range(n_old, len(merged))))
+    return {"new": new_rows, "overlap": overlap_rows[keep]}, overlap_ids
+
+
+@torch.no_grad()
+def expand_vocabulary(
+    model,
+    n_old: int,
+    n_new_total: int,
+    init: str,
+    generator: torch.Generator,
+    helper=None,
+    overlap_ids: list[int] | None = None,
+    pad_multiple: int = 64,
+) -> dict[str, int]:
+    """Resize embeddings (and an untied head) to ``n_new_total`` rows (padded) and initialise rows
+    ``n_old..n_new_total`` from rows ``:n_old`` by ``init`` (see ``afpt.adapt.initializers``)."""
+    rows_before = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(max(rows_before, padded_vocab(n_new_total, pad_multiple)), mean_resizing=False)
+    head = untied_head(model)
+    matrices = [model.get_input_embeddings().weight] + ([] if head is None else [head.weight])
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    kwargs = {}
+    if init in ("clp", "focus"):
+        kwargs = {
+            "helper_new": helper["new"],
+            "helper_overlap": helper["overlap"],
+            "overlap_source_ids": torch.tensor(overlap_ids),
+        }
+    fallbacks = 0
+    for weight in matrices:
+        rows, fell_back = init_new_rows(
+            init, weight[:n_old].float().cpu(), n_new_total - n_old, generator, std, **kwargs
+        )
+        weight[n_old:n_new_total] = rows.to(weight.dtype)
+        fallbacks += fell_back
+    return {"new_tokens": n_new_total - n_old, "fallback_rows": fallbacks, "tied_head": int(is_tied(model))}
+
+
+def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
+    """Freeze what the policy freezes; mask the gradient of old embedding rows for ``new_rows_and_head``.
+
+    Returns the trainable parameter count per group.
+    """
+    embedding = model.get_input_embeddings().weight
+    head_module = model.get_output_embeddings()
+    head = None if head_module is None else head_module.weight
+    for param in model.parameters():
+        param.requires_grad_(policy == "full")
+    if policy in ("new_rows_and_head", "embeddings"):
+        embedding.requires_grad_(True)
+    if policy == "new_rows_and_head" and head is not None:
+        head.requires_grad_(True)
+    if policy == "new_rows_and_head":
+        mask = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype, device=embedding.device)
+        mask[n_old:] = 1
+        embedding.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+    counts = {"embedding_rows": 0, "head": 0, "body": 0}
+    rows = embedding.shape[0] - n_old if policy == "new_rows_and_head" else embedding.shape[0]
+    counts["embedding_rows"] = rows * embedding.shape[1] if embedding.requires_grad else 0
+    if head is not None and not is_tied(model) and head.requires_grad:
+        counts["head"] = head.numel()
+    counts["body"] = sum(
+        p.numel() for p in model.parameters() if p.requires_grad and p is not embedding and p is not head
+    )
+    return counts
+
+
+def frozen_snapshot(model, policy: str, n_old: int) -> dict[str, torch.Tensor]:
+    """Copies of everything the policy promises not to change."""
+    embedding = model.get_input_embeddings().weight
+    snap = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    if policy == "new_rows_and_head":
+        snap["<old embedding rows>"] = embedding[:n_old].detach().clone()
+    return snap
+
+
+def changed_frozen(model, snapshot: dict[str, torch.Tensor], n_old: int) -> list[str]:
+    """Names of promised-frozen tensors that changed (should be empty)."""
+    params = dict(model.named_parameters())
+    changed = []
+    for name, before in snapshot.items():
+        now = model.get_input_embeddings().weight[:n_old] if name == "<old embedding rows>" else params[name]
+        if not torch.equal(now.detach().cpu(), before.cpu()):
+            changed.append(name)
+    return changed

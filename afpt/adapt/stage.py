@@ -1,0 +1,133 @@
+"""``stage=adapt``: carry a pretrained model to new languages by vocabulary expansion.
+
+Train a tokenizer on the new languages, merge it into the model's (old ids unchanged), initialise the
+new embedding rows (random, mean, CLP or FOCUS), and train what the freeze policy allows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+
+from afpt.adapt.expansion import (
+    POLICIES,
+    apply_policy,
+    changed_frozen,
+    expand_vocabulary,
+    frozen_snapshot,
+    merged_tokenizer_for_run,
+    prepare_helper,
+)
+from afpt.adapt.initializers import INITIALIZERS
+from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corpus, world_languages
+from afpt.errors import AfptError
+from afpt.evaluate.metrics import language_perplexities
+from afpt.io import write_json
+from afpt.models import check_model_dir, load_model, on_eval_device, save_model_dir
+from afpt.plots import plot_run_curves
+from afpt.pretrain.module import CausalLMModule
+from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, to_dict
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Adapt ``init_from`` to ``adapt.languages``; write ``model/``, ``metrics.json`` and ``adaptation.png``."""
+    a = cfg.adapt
+    run_dir = Path(cfg.paths.run_dir)
+    source = init_from(cfg, "adapt")
+    if a.init not in INITIALIZERS:
+        raise AfptError(f"adapt.init={a.init!r} is unknown; expected one of {INITIALIZERS}")
+    if a.policy not in POLICIES:
+        raise AfptError(f"adapt.policy={a.policy!r} is unknown; expected one of {POLICIES}")
+    check_model_dir(source)
+    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    base = load_tokenizer(source)
+    target = a.vocab_size or len(base) + a.new_tokens
+    if target < len(base):
+        raise AfptError(f"adapt.vocab_size={target} is smaller than the model's vocabulary ({len(base)} tokens)")
+    langs = list(a.languages or world_languages(cfg.data, "heldout_languages"))
+    pl.seed_everything(cfg.seed, workers=True)
+    corpus = load_corpus(cfg.data, langs)
+    missing = [lang for lang in langs if len(corpus.validation.get(lang, [])) == 0]
+    if missing:
+        raise AfptError(f"adaptation languages {missing} have no held-out text")
+    heldout = {lang: corpus.validation[lang]["text"][: a.eval_docs] for lang in langs}
+
+    tokenizer = merged_tokenizer_for_run(base, corpus, run_dir / "tokenizer", target, a.tokenizer_sample_docs)
+    model = load_model(source)
+    block = cfg.data.block_size
+    with on_eval_device(model):
+        before = language_perplexities(model, base, heldout, block)
+    train_blocks, val_blocks = pack_corpus(corpus, tokenizer, block, cfg.data.max_val_blocks)
+
+    n_old = len(base)
+    helper, overlap_ids = None, None
+    if a.init in ("clp", "focus"):
+        helper, overlap_ids = prepare_helper(a, tokenizer, train_blocks, n_old, cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    expansion = expand_vocabulary(model, n_old, len(tokenizer), a.init, generator, helper, overlap_ids)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    trainable = apply_policy(model, a.policy, n_old)
+    snapshot = frozen_snapshot(model, a.policy, n_old)
+
+    tokens_per_step = cfg.data.batch_size * block * cfg.trainer.get("accumulate_grad_batches", 1)
+    max_steps = max(1, math.ceil(a.token_budget / tokens_per_step))
+    datamodule = PretrainDataModule(
+        train_blocks,
+        val_blocks,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.get("eval_batch_size"),
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory,
+        seed=cfg.seed,
+    )
+    module = CausalLMModule(model, **merged(cfg.optim, a.optim))
+    val_every = max(1, min(max_steps, a.val_every_n_steps))
+    trainer = build_trainer(
+        cfg, run_dir, [], **{**to_dict(a.trainer), "max_steps": max_steps, "val_check_interval": val_every}
+    )
+    require_replicated(trainer, "adapt")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    train_time = time.perf_counter() - start
+
+    changed = changed_frozen(model, snapshot, n_old)
+    if changed:
+        raise RuntimeError(f"frozen tensors changed during adaptation: {changed}")
+    with on_eval_device(model):
+        after = language_perplexities(model, tokenizer, heldout, block)
+    metrics: dict[str, Any] = {
+        "stage": "adapt",
+        "init_from": str(source),
+        "languages": langs,
+        "init": a.init,
+        "policy": a.policy,
+        "vocab_size_before": n_old,
+        "vocab_size_after": len(tokenizer),
+        **expansion,
+        "trainable_parameters": trainable,
+        "frozen_unchanged": True,
+        "global_step": trainer.global_step,
+        "tokens_seen": trainer.global_step * tokens_per_step * trainer.world_size,
+        "train_time_s": round(train_time, 2),
+        "before": before,
+        "after": after,
+    }
+    if trainer.is_global_zero:
+        save_model_dir(model, tokenizer, run_dir / "model")
+        write_json(metrics, run_dir / "metrics.json")
+        plot_run_curves(
+            run_dir,
+            {lang: f"val/ppl/{lang}" for lang in langs},
+            tokens_per_step,
+            run_dir / "adaptation.png",
+            "adaptation tokens",
+            "validation perplexity (per token)",
+            f"adaptation to {', '.join(langs)} (init={a.init}, policy={a.policy})",
+        )
+    return metrics

@@ -1,0 +1,235 @@
+"""Text sources, one switch for every stage: the embedded world, local files, or a hub dataset.
+
+Every corpus passes through ``datasets``; each language becomes one ``Dataset`` with a ``text`` column.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import datasets
+
+from afpt.data.world import World, WorldConfig
+from afpt.errors import DataError
+
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+datasets.disable_progress_bars()
+
+
+@dataclass
+class Corpus:
+    """Raw text per language and split: ``train[lang]`` and ``validation[lang]`` are Datasets."""
+
+    train: dict[str, datasets.Dataset]
+    validation: dict[str, datasets.Dataset] = field(default_factory=dict)
+
+
+def world_from_config(cfg: Mapping[str, Any]) -> World:
+    """Build the embedded world from the ``data.world`` config mapping."""
+    try:
+        return World(WorldConfig(**dict(cfg)))
+    except TypeError as err:
+        raise DataError(f"data.world: {err}") from err
+
+
+def world_languages(cfg: Mapping[str, Any], key: str) -> list[str]:
+    """The world's ``pretrain_languages`` or ``heldout_languages`` for a world data config."""
+    if cfg.get("source") != "world":
+        raise DataError(f"data.source={cfg.get('source')!r}: name the languages explicitly (adapt.languages=[...])")
+    return list(getattr(world_from_config(cfg["world"]).config, key))
+
+
+SOURCES = ("world", "files", "hub")
+SPLITS = ("train", "validation")
+
+
+def load_corpus(
+    cfg: Mapping[str, Any], languages: Sequence[str] | None = None, splits: Sequence[str] = SPLITS
+) -> Corpus:
+    """The corpus a ``data`` config describes, for ``languages`` (default: the config's own), as ``splits``.
+
+    The one switch over text sources: ``world`` (the embedded world's train / validation documents),
+    ``files`` (``files``, and ``validation_files`` or a ``validation_fraction`` of them) and ``hub`` (the
+    first ``val_docs`` documents of a streamed dataset for validation, the next ``max_docs`` for training).
+    """
+    source = cfg.get("source")
+    if source not in SOURCES:
+        raise DataError(f"data.source must be one of {sorted(SOURCES)}, got {source!r}")
+    if source == "world":
+        world = world_from_config(cfg["world"])
+        langs = list(languages or world.config.pretrain_languages)
+        corpus = Corpus(
+            *(
+                {lang: _texts(world.documents(lang, split)) for lang in langs} if split in splits else {}
+                for split in SPLITS
+            )
+        )
+    elif source == "files":
+        corpus = _load_files(cfg, languages, splits)
+    else:
+        corpus = _load_hub(cfg, languages, splits)
+    for lang, ds in corpus.train.items():
+        if len(ds) == 0:
+            raise DataError(f"the training corpus for language {lang!r} is empty")
+    return corpus
+
+
+def _texts(texts: list[str]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def as_file_map(value: Any, key: str) -> dict[str, list[str]]:
+    """``data.files`` as {language: [paths]}: a path, a list of paths, or a mapping per language."""
+    if value is None:
+        raise DataError(f"{key} is empty; give a path, a list of paths, or {{language: paths}}")
+    if isinstance(value, (str, os.PathLike)):
+        return {"default": [str(value)]}
+    if isinstance(value, Mapping):
+        return {
+            str(k): [str(v)] if isinstance(v, (str, os.PathLike)) else [str(p) for p in v] for k, v in value.items()
+        }
+    return {"default": [str(p) for p in value]}
+
+
+def _has_a_line(path: str) -> bool:
+    with open(path, errors="replace") as handle:
+        return any(line.strip() for line in handle)
+
+
+def load_records(paths: Sequence[str], key: str) -> datasets.Dataset:
+    """The records of local txt/jsonl/parquet files (one extension), through ``datasets``."""
+    suffixes = {Path(p).suffix.lower() for p in paths}
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"{key}: file {path!r} does not exist")
+        if Path(path).stat().st_size == 0:
+            raise DataError(f"{key}: file {path!r} is empty")
+        if Path(path).suffix.lower() != ".parquet" and not _has_a_line(path):
+            raise DataError(f"{key}: file {path!r} holds no records")
+    if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_BUILDERS:
+        raise DataError(f"{key}: files must share one extension among {sorted(FILE_BUILDERS)}, got {sorted(suffixes)}")
+    return datasets.load_dataset(FILE_BUILDERS[suffixes.pop()], data_files=list(paths), split="train")
+
+
+def load_text_files(paths: list[str], key: str, text_field: str) -> datasets.Dataset:
+    """Non-empty text of local txt/jsonl/parquet files (one extension), as a Dataset with a ``text`` column."""
+    ds = load_records(paths, key)
+    if FILE_BUILDERS[Path(paths[0]).suffix.lower()] != "text":
+        if text_field not in ds.column_names:
+            raise DataError(
+                f"{key}: records have no field {text_field!r} (fields: {ds.column_names}); set data.text_field"
+            )
+        ds = ds.rename_column(text_field, "text") if text_field != "text" else ds
+    ds = ds.select_columns(["text"]).filter(lambda r: bool(r["text"] and r["text"].strip()))
+    if len(ds) == 0:
+        raise DataError(f"{key}: files {paths} hold no non-empty text")
+    return ds
+
+
+def _load_files(cfg: Mapping[str, Any], languages: Sequence[str] | None, splits: Sequence[str]) -> Corpus:
+    train_map = as_file_map(cfg.get("files"), "data.files")
+    val_map = as_file_map(cfg["validation_files"], "data.validation_files") if cfg.get("validation_files") else {}
+    text_field = cfg.get("text_field", "text")
+    langs = list(languages or train_map)
+    missing = [lang for lang in langs if lang not in train_map]
+    if missing:
+        raise DataError(f"data.files has no files for languages {missing}; it has {sorted(train_map)}")
+    train, validation = {}, {}
+    for lang in langs:
+        if lang in val_map:
+            if "train" in splits:
+                train[lang] = load_text_files(train_map[lang], f"data.files[{lang}]", text_field)
+            if "validation" in splits:
+                validation[lang] = load_text_files(val_map[lang], f"data.validation_files[{lang}]", text_field)
+            continue
+        ds = load_text_files(train_map[lang], f"data.files[{lang}]", text_field)
+        fraction = cfg.get("validation_fraction", 0.05)
+        if fraction <= 0 or len(ds) < 2:
+            train[lang], validation[lang] = ds, ds.select([])
+        else:
+            split = ds.train_test_split(test_size=max(1, int(len(ds) * fraction)), seed=cfg.get("seed", 0))
+            train[lang], validation[lang] = split["train"], split["test"]
+    return Corpus(train if "train" in splits else {}, validation if "validation" in splits else {})
+
+
+def check_hub_reachable(what: str, timeout: float = 3.0, hint: str | None = None) -> None:
+    """Fail at once, naming ``what`` needs the Hub, when the Hugging Face Hub cannot be reached."""
+    from huggingface_hub import constants
+
+    hint = hint or "Use local files (data=files data.files=...) or the embedded world (data=world)."
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise DataError(f"{what} needs the Hugging Face Hub, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {hint}")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as err:
+        raise DataError(
+            f"{what} needs the Hugging Face Hub, but {constants.ENDPOINT} cannot be reached ({err}); you seem to be "
+            f"offline. {hint}"
+        ) from err
+
+
+def hub_records(path: str, name: str | None, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """The first ``limit`` records (all when None) of a hub dataset, streamed."""
+    stream = datasets.load_dataset(path, name, split=split, streaming=True)
+    return list(stream if limit is None else stream.take(limit))
+
+
+def _load_hub(cfg: Mapping[str, Any], languages: Sequence[str] | None, splits: Sequence[str]) -> Corpus:
+    hub = cfg["hub"]
+    langs = list(languages or cfg.get("languages") or [])
+    if not langs:
+        raise DataError("data.languages is empty: name the hub languages to load")
+    check_hub_reachable(f"hub dataset {hub['path']!r}")
+    n_val = hub.get("val_docs", 0)
+    n_train = hub.get("max_docs", 0) if "train" in splits else 0
+    train, validation = {}, {}
+    for lang in langs:
+        name = hub["name_template"].format(lang=lang) if hub.get("name_template") else None
+        records = hub_records(hub["path"], name, hub.get("split", "train"), n_val + n_train)
+        texts = [row[hub.get("text_field", "text")] for row in records]
+        if not texts:
+            raise DataError(f"hub dataset {hub['path']!r} ({name}) returned no documents for language {lang!r}")
+        train[lang], validation[lang] = _texts(texts[n_val:]), _texts(texts[:n_val])
+    return Corpus(train if "train" in splits else {}, validation if "validation" in splits else {})
+
+
+def heldout_texts(cfg: Mapping[str, Any], world: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Held-out documents per language from an ``evaluate.heldout`` config, through ``load_corpus``.
+
+    ``world``: the world config of ``source=world``. Languages default to every language of the source.
+    """
+    source, langs, docs = cfg["source"], list(cfg.get("languages") or []), cfg["docs"]
+    if source not in SOURCES:
+        raise DataError(f"evaluate.heldout.source={source!r} is unknown; expected one of {SOURCES}")
+    if source == "world":
+        codes = [spec.code for spec in world_from_config(world).config.languages]
+        langs = langs or codes
+        unknown = [lang for lang in langs if lang not in codes]
+        if unknown:
+            raise DataError(f"evaluate.heldout.languages {unknown} have no held-out text in the world (it has {codes})")
+        spec = {"source": "world", "world": world}
+    elif source == "files":
+        file_map = as_file_map(cfg.get("files"), "evaluate.heldout.files")
+        langs = langs or list(file_map)
+        missing = [lang for lang in langs if lang not in file_map]
+        if missing:
+            raise DataError(f"evaluate.heldout.files has no files for languages {missing}; it has {sorted(file_map)}")
+        spec = {"source": "files", "files": file_map, "validation_files": file_map, "text_field": cfg["text_field"]}
+    else:
+        if not langs:
+            raise DataError("evaluate.heldout.languages is empty: name the hub languages to evaluate")
+        spec = {"source": "hub", "hub": {**cfg["hub"], "val_docs": docs, "max_docs": 0}}
+    corpus = load_corpus(spec, langs, splits=("validation",))
+    texts = {lang: corpus.validation[lang]["text"][:docs] for lang in langs}
+    empty = [lang for lang, found in texts.items() if not any(t.strip() for t in found)]
+    if empty:
+        raise DataError(f"languages {empty} have no held-out text in evaluate.heldout (source={source})")
+    return texts

@@ -1,0 +1,2 @@
+"""Evaluation: perplexity and isotropy, lm-eval tasks (afpt's own under ``lm_eval_tasks/``), the report, and
+``stage=evaluate``."""

@@ -1,0 +1,1 @@
+"""Instruction tuning: ChatML conversations, ``stage=instruct`` and ``stage=generate``."""

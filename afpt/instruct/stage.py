@@ -1,0 +1,79 @@
+"""``stage=instruct``: English instruction fine-tuning in ChatML, loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+
+from afpt.data import DataError, load_tokenizer
+from afpt.errors import AfptError
+from afpt.instruct.chat import (
+    OVERFLOW,
+    InstructDataModule,
+    answer_metrics,
+    conversations_for,
+    encode_all,
+    ensure_chatml,
+)
+from afpt.io import write_json
+from afpt.models import check_model_dir, load_model, save_model_dir
+from afpt.pretrain.module import CausalLMModule
+from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, scalar_metrics, to_dict
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune ``init_from`` on instructions; write ``model/`` (with a ChatML template) and ``metrics.json``."""
+    i = cfg.instruct
+    run_dir = Path(cfg.paths.run_dir)
+    source = init_from(cfg, "instruct")
+    if i.overflow not in OVERFLOW:
+        raise AfptError(f"instruct.overflow={i.overflow!r} is unknown; expected one of {OVERFLOW}")
+    check_model_dir(source)
+    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    pl.seed_everything(cfg.seed, workers=True)
+    train_convs, heldout_convs = conversations_for(cfg)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source)
+    added = ensure_chatml(tokenizer, model, cfg.seed)
+    max_length = i.max_length or model.config.max_position_embeddings
+    train, overflow_train = encode_all(tokenizer, train_convs, max_length, i.overflow, i.train_on_prompt)
+    val, overflow_val = encode_all(tokenizer, heldout_convs, max_length, i.overflow, False)
+    if not train:
+        raise DataError(f"no training conversation left ({overflow_train} longer than {max_length} tokens)")
+    eval_convs = heldout_convs[: i.eval_questions]
+    before = answer_metrics(model, tokenizer, eval_convs) if eval_convs else {}
+
+    datamodule = InstructDataModule(train, val, i.batch_size, tokenizer.pad_token_id, cfg.seed)
+    steps = i.epochs * math.ceil(len(train) / i.batch_size)
+    module = CausalLMModule(model, **{**merged(cfg.optim, i.optim), "total_steps": steps})
+    validation = {"check_val_every_n_epoch": 1 if val else None, "limit_val_batches": 1.0 if val else 0}
+    trainer = build_trainer(cfg, run_dir, [], **{**to_dict(i.trainer), **validation})
+    require_replicated(trainer, "instruct")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    after = answer_metrics(model, tokenizer, eval_convs) if eval_convs else {}
+    metrics = {
+        "stage": "instruct",
+        "init_from": str(source),
+        "source": i.source,
+        "train_conversations": len(train),
+        "heldout_conversations": len(val),
+        "overflowed": {"train": overflow_train, "heldout": overflow_val},
+        "overflow_rule": i.overflow,
+        "max_length": max_length,
+        "chatml_tokens_added": added,
+        "global_step": trainer.global_step,
+        "train_time_s": round(time.perf_counter() - start, 2),
+        "before": before,
+        "after": after,
+        **scalar_metrics(trainer),
+    }
+    if trainer.is_global_zero:
+        save_model_dir(model, tokenizer, run_dir / "model")
+        write_json(metrics, run_dir / "metrics.json")
+    return metrics

@@ -1,0 +1,1 @@
+"""Pretraining: the LightningModule, the active-forgetting callback, the LR schedules, and ``stage=pretrain``."""

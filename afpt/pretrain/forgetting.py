@@ -1,0 +1,327 @@
+"""Active forgetting: periodic re-initialisation of the token embeddings (Chen et al. 2023).
+
+The callback works on any LightningModule whose model exposes ``get_input_embeddings()``, on the
+module itself or on its ``.model`` attribute. The pure functions below do the work and can be used
+without Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from afpt.errors import AfptError
+from afpt.models import find_model, is_tied
+from afpt.pretrain.schedule import DECAYS, episode_step, lr_factor
+from afpt.speed.distributed import assign_full, full_parameters, full_value, layout, local, verify_reset
+from afpt.speed.timing import HostCopy, ResetTimer, settle, step_loss
+
+INITS = ("normal", "mean_std")
+HEAD_POLICIES = ("auto", "always", "never")
+RESET_NAMES = ("embedding", "head_weight", "head_bias")
+
+
+def reset_seed(seed: int, reset_index: int, name: str) -> int:
+    """A 63-bit seed that depends only on (seed, reset index, tensor name): same on every rank."""
+    digest = hashlib.sha256(f"afpt-reset:{seed}:{reset_index}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def reinitialize_(
+    weight: torch.Tensor,
+    generator: torch.Generator,
+    init: str = "normal",
+    std: float = 0.02,
+    pad_token_id: int | None = None,
+) -> None:
+    """Overwrite ``weight`` in place with fresh values; the padding row, if given, becomes zero.
+
+    ``normal`` draws N(0, std); ``mean_std`` draws from the current per-dimension mean and std.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    noise = torch.randn(weight.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    noise = noise.to(weight.device)
+    if init == "normal":
+        values = noise * std
+    else:
+        current = weight.float()
+        values = current.mean(dim=0) + current.std(dim=0) * noise
+    if pad_token_id is not None and weight.dim() == 2:
+        values[pad_token_id] = 0
+    weight.copy_(values)
+
+
+@torch.no_grad()
+def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """Zero every state entry (moments and step) of exactly ``params``, keeping tensors in place."""
+    for param in params:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif isinstance(value, (int, float)):
+                state[key] = type(value)(0)
+
+
+class ActiveForgetting(Callback):
+    """Re-initialise the input token embeddings, and their optimizer state, every K optimizer steps.
+
+    Args:
+        every_n_steps: K, counted in optimizer steps (``trainer.global_step``). The reset happens
+            between step K's update and the next forward pass; none after the final step.
+        init: ``normal`` (N(0, std)) or ``mean_std`` (current per-dimension mean and std).
+        std: standard deviation for ``normal``; default: the model config's ``initializer_range``,
+            else 0.02.
+        head: ``auto`` resets the output head exactly when it is tied to the input embedding;
+            ``always`` also re-initialises an untied head; ``never`` leaves an untied head alone
+            (and refuses a tied one, which cannot be kept while the embedding is reset).
+        pad_token_id: row to zero after each reset; ``"auto"`` takes the model config's
+            ``pad_token_id``; ``None`` zeroes nothing.
+        seed: reset ``i`` draws from a generator seeded by (seed, i): identical on every rank
+            without communication, and identical after a resume.
+        episode_lr: drive the embedding param group's learning rate with Chen et al.'s episode
+            schedule (the full warmup + decay compressed into each K-step episode).
+        episode_warmup_fraction, episode_min_lr_ratio, episode_decay: shape of that schedule.
+        total_steps: T of the schedule and the last step; default: the trainer's
+            ``estimated_stepping_batches``.
+        check_sync: after each reset on several ranks, gather the reset tensors through any sharding
+            (DDP, FSDP, FSDP2), check that every rank holds exactly the drawn values and that its shard
+            of their optimizer state is zero, and raise if not. Costs an all-gather per reset.
+
+    ``history`` holds one dict per reset: ``step``, ``reset_index``, ``loss_before`` / ``loss_after``
+    (the losses of the steps around it), ``duration_ms`` (GPU time from CUDA events on CUDA, wall time
+    on CPU), ``host_ms`` (host time spent issuing it) and ``verify_ms``. On CUDA the values arrive
+    without a host sync and are plain numbers by the end of the fit (and in every checkpoint).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        init: str = "normal",
+        std: float | None = None,
+        head: str = "auto",
+        pad_token_id: int | str | None = "auto",
+        seed: int = 0,
+        episode_lr: bool = False,
+        episode_warmup_fraction: float = 0.1,
+        episode_min_lr_ratio: float = 0.0,
+        episode_decay: str = "linear",
+        total_steps: int | None = None,
+        check_sync: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
+            raise AfptError(f"forgetting.every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if init not in INITS:
+            raise AfptError(f"forgetting.init must be one of {INITS}, got {init!r}")
+        if head not in HEAD_POLICIES:
+            raise AfptError(f"forgetting.head must be one of {HEAD_POLICIES}, got {head!r}")
+        if episode_decay not in DECAYS:
+            raise AfptError(f"forgetting.episode_decay must be one of {DECAYS}, got {episode_decay!r}")
+        if std is not None and std <= 0:
+            raise AfptError(f"forgetting.std must be positive, got {std!r}")
+        if not 0.0 <= episode_warmup_fraction < 1.0:
+            raise AfptError(f"forgetting.episode_warmup_fraction must be in [0, 1), got {episode_warmup_fraction!r}")
+        self.every_n_steps = every_n_steps
+        self.init = init
+        self.std = std
+        self.head = head
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+        self.episode_lr = episode_lr
+        self.episode_warmup_fraction = episode_warmup_fraction
+        self.episode_min_lr_ratio = episode_min_lr_ratio
+        self.episode_decay = episode_decay
+        self.total_steps = total_steps
+        self.check_sync = check_sync
+        self.history: list[dict[str, Any]] = []
+        self._last_loss: torch.Tensor | None = None
+        self._awaiting_loss_after = False
+        self._peak_lr: float | None = None
+        self._pending_check: list[torch.Tensor] | None = None
+        self._unsettled: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------- resolution
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse strategies whose parameters this callback cannot address (DeepSpeed, FSDP without orig params)."""
+        layout(trainer)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check the head policy against the model (built by now, also when ``configure_model`` builds it)."""
+        model = find_model(pl_module)
+        if self.head == "never" and is_tied(model):
+            raise AfptError(
+                "forgetting.head='never' cannot keep the output head: it is tied to the input embedding. "
+                "Use head='auto' or untie the head (model.tie_word_embeddings=false)."
+            )
+
+    def reset_parameters(self, pl_module: LightningModule) -> list[nn.Parameter]:
+        """The parameters one reset re-initialises, without duplicates (a tied head counts once)."""
+        model = find_model(pl_module)
+        params = [model.get_input_embeddings().weight]
+        if self.head == "always" and not is_tied(model):
+            head = model.get_output_embeddings()
+            params.append(head.weight)
+            if getattr(head, "bias", None) is not None:
+                params.append(head.bias)
+        return params
+
+    def _std(self, model: nn.Module) -> float:
+        if self.std is not None:
+            return self.std
+        return float(getattr(getattr(model, "config", None), "initializer_range", 0.02) or 0.02)
+
+    def _pad_token_id(self, model: nn.Module) -> int | None:
+        if self.pad_token_id == "auto":
+            return getattr(getattr(model, "config", None), "pad_token_id", None)
+        return self.pad_token_id
+
+    def _total_steps(self, trainer: Trainer) -> int:
+        return int(self.total_steps or trainer.estimated_stepping_batches)
+
+    def embedding_param_group(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        """The optimizer param group that holds the input embedding."""
+        weight = find_model(pl_module).get_input_embeddings().weight
+        for group in trainer.optimizers[0].param_groups:
+            if any(p is weight for p in group["params"]):
+                return group
+        raise RuntimeError("the input embedding is in no optimizer param group")
+
+    # ----------------------------------------------------------------- the reset
+    def _fresh_value(self, param: torch.Tensor, name: str, reset_index: int, model: nn.Module) -> torch.Tensor:
+        """The full new value of ``param``, drawn from the (seed, reset index, name) generator: same on every rank."""
+        device = local(param).device
+        value = torch.zeros(param.shape, dtype=param.dtype, device=device)
+        if param.dim() == 1:
+            return value
+        if self.init == "mean_std":
+            value.copy_(full_value(param))
+        generator = torch.Generator(device=device)
+        generator.manual_seed(reset_seed(self.seed, reset_index, name))
+        pad = self._pad_token_id(model) if name == "embedding" else None
+        reinitialize_(value, generator, self.init, self._std(model), pad)
+        return value
+
+    @torch.no_grad()
+    def reset(self, trainer: Trainer, pl_module: LightningModule, reset_index: int) -> None:
+        """Re-initialise the embeddings (and head, by policy) and zero their optimizer state.
+
+        Works on whole tensors (single device, DDP), FSDP flat shards (through ``summon_full_params``)
+        and FSDP2 ``DTensor`` shards: every rank draws the same full tensor and keeps its own shard.
+        """
+        model = find_model(pl_module)
+        with full_parameters(trainer, writeback=True):
+            params = self.reset_parameters(pl_module)
+            values = [self._fresh_value(p, n, reset_index, model) for n, p in zip(RESET_NAMES, params)]
+            for param, value in zip(params, values):
+                assign_full(param, value)
+        params = self.reset_parameters(pl_module)
+        for optimizer in trainer.optimizers:
+            reset_optimizer_state_(optimizer, params)
+        if self.check_sync and trainer.world_size > 1:
+            self._pending_check = values
+
+    # ----------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remember the embedding group's peak learning rate for the episode schedule."""
+        if self.episode_lr and self._peak_lr is None:
+            group = self.embedding_param_group(trainer, pl_module)
+            self._peak_lr = float(group.get("initial_lr", group["lr"]))
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        """Set the embedding group's learning rate from the episode schedule, if enabled."""
+        if not self.episode_lr:
+            return
+        total = self._total_steps(trainer)
+        step = episode_step(trainer.global_step, total, self.every_n_steps)
+        warmup = int(self.episode_warmup_fraction * total)
+        factor = lr_factor(step, total, warmup, self.episode_min_lr_ratio, self.episode_decay)
+        self.embedding_param_group(trainer, pl_module)["lr"] = self._peak_lr * factor
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Reset before the first batch that follows every K-th optimizer step.
+
+        Resetting here rather than right after step K lets validation and checkpoints at step K
+        see the trained embeddings; a run resumed from such a checkpoint resets on its first batch.
+        """
+        step = trainer.global_step
+        last_reset = self.history[-1]["step"] if self.history else 0
+        if step == 0 or step % self.every_n_steps or step == last_reset or step >= self._total_steps(trainer):
+            return
+        reset_index = step // self.every_n_steps
+        timer = ResetTimer(pl_module.device)
+        self.reset(trainer, pl_module, reset_index)
+        duration_ms, host_ms = timer.stop()
+        verify_ms = None
+        if self._pending_check is not None:
+            start = time.perf_counter()
+            verify_reset(trainer, pl_module, self.reset_parameters(pl_module), self._pending_check)
+            self._pending_check = None
+            verify_ms = 1000 * (time.perf_counter() - start)
+        entry = {
+            "step": step,
+            "reset_index": reset_index,
+            "loss_before": None,
+            "loss_after": None,
+            "duration_ms": duration_ms,
+            "host_ms": host_ms,
+            "verify_ms": verify_ms,
+        }
+        self.history.append(entry)
+        self._unsettled.append(entry)
+        if self._last_loss is not None:
+            entry["loss_before"] = HostCopy(self._last_loss)
+            pl_module.log("forgetting/loss_before_reset", self._last_loss, on_step=True, on_epoch=False)
+        self._awaiting_loss_after = True
+        pl_module.log("forgetting/resets", torch.tensor(float(len(self.history))), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Keep the latest loss and record the first loss after a reset, both without a host sync."""
+        self._last_loss = step_loss(outputs, trainer.accumulate_grad_batches)
+        if self._awaiting_loss_after and self._last_loss is not None:
+            self._awaiting_loss_after = False
+            self.history[-1]["loss_after"] = HostCopy(self._last_loss)
+            pl_module.log("forgetting/loss_after_reset", self._last_loss, on_step=True, on_epoch=False)
+        self.settle(wait=False)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Turn every reset's timing and losses into plain numbers."""
+        self.settle(wait=True)
+
+    def settle(self, wait: bool) -> None:
+        """Fill the history's device-side values (GPU timing, losses) that have reached the host;
+        with ``wait``, wait for all of them."""
+        self._unsettled = settle(self._unsettled, wait)
+        last = self.history[-1] if self.history else None
+        if self._awaiting_loss_after and all(entry is not last for entry in self._unsettled):
+            self._unsettled.append(last)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """History and schedule state, as plain Python values (safe for ``weights_only`` loads)."""
+        self.settle(wait=True)
+        return {
+            "history": [dict(h) for h in self.history],
+            "peak_lr": self._peak_lr,
+            "awaiting_loss_after": self._awaiting_loss_after,
+            "last_loss": None if self._last_loss is None else float(self._last_loss),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history so that a resumed run reports every reset once."""
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._peak_lr = state_dict.get("peak_lr")
+        self._awaiting_loss_after = bool(state_dict.get("awaiting_loss_after", False))
+        last_loss = state_dict.get("last_loss")
+        self._last_loss = None if last_loss is None else torch.tensor(last_loss)

@@ -1,0 +1,85 @@
+"""``stage=pretrain``: train a decoder on a multilingual corpus, with or without active forgetting."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+
+from afpt.data import CorpusDataModule
+from afpt.io import metric_csvs, write_json
+from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model, save_model_dir
+from afpt.plots import plot_loss_with_resets
+from afpt.pretrain.module import CausalLMModule
+from afpt.speed.distributed import full_state_dict, layout
+from afpt.speed.throughput import TokenThroughput
+from afpt.stages import build_forgetting, build_trainer, check_ckpt_path, scalar_metrics, to_dict
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Pretrain as ``cfg`` says; write ``model/``, ``metrics.json``, logs and a loss plot to the run dir."""
+    run_dir = Path(cfg.paths.run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    model_cfg = ModelConfig.from_mapping(to_dict(cfg.model))
+    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    init_from = cfg.get("init_from")
+    if init_from:
+        check_model_dir(init_from)
+    forgetting = build_forgetting(cfg.get("forgetting"))  # a bad setting fails before data preparation
+    datamodule = CorpusDataModule(
+        to_dict(cfg.data),
+        vocab_size=model_cfg.vocab_size,
+        run_dir=str(run_dir),
+        tokenizer_path=init_from,
+        trust_remote_code=model_cfg.trust_remote_code,
+        seed=cfg.seed,
+    )
+    tokenizer = datamodule.tokenizer
+    if init_from:
+        model = load_model(init_from, model_cfg.trust_remote_code, model_cfg.attn_implementation)
+    else:
+        special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        model = build_model(model_cfg, len(tokenizer), special)
+    module = CausalLMModule(model, **to_dict(cfg.optim))
+    trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    train_time = time.perf_counter() - start
+    if layout(trainer) != "fsdp":
+        # Lightning's FSDP (v1) cannot validate after fit (the root parameters stay sharded); its
+        # metrics come from the validation at the end of fit.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    tokens_per_step = trainer.accumulate_grad_batches * trainer.world_size * cfg.data.batch_size * cfg.data.block_size
+    metrics: dict[str, Any] = {
+        "stage": "pretrain",
+        "forgetting": "every_k" if forgetting else "none",
+        "model": model_cfg.name,
+        "global_step": trainer.global_step,
+        "tokens_seen": trainer.global_step * tokens_per_step,
+        "train_time_s": round(train_time, 2),
+        "parameters": count_parameters(model),
+        "languages": datamodule.train_names,
+        "resets": forgetting.history if forgetting else [],
+        "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        **scalar_metrics(trainer),
+    }
+    state_dict = full_state_dict(trainer, trainer.strategy.model)  # a collective under FSDP: every rank calls
+    if trainer.is_global_zero:
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        save_model_dir(module.model, tokenizer, run_dir / "model", state_dict)
+        write_json(metrics, run_dir / "metrics.json")
+        if metric_csvs(run_dir):
+            plot_loss_with_resets(
+                run_dir,
+                [r["step"] for r in metrics["resets"]],
+                run_dir / "loss.png",
+                f"pretraining {metrics['model']}, forgetting={metrics['forgetting']}",
+            )
+    return metrics

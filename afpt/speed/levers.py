@@ -1,0 +1,162 @@
+"""The performance levers of ``CausalLMModule``: checked at construction, applied in ``configure_model``.
+
+Compile (one graph from tokens to loss for ``loss=hf``), the afpt_sdpa attention and rotary tables, a pinned
+sdpa kernel, liger-kernel losses, activation checkpointing and FSDP2 sharding. benchmarks/README.md
+measures each of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import PreTrainedModel
+
+from afpt.errors import AfptError
+from afpt.speed.attention import CAUSAL_SDPA, use_rotary_tables
+from afpt.speed.distributed import decoder_layers, fully_shard_model, layout
+
+LOSSES = ("hf", "liger_ce", "fused_linear_ce")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def check_levers(
+    loss: str,
+    compile: bool | str,
+    compile_mode: str,
+    compile_options: Mapping[str, Any] | None,
+    sdpa_backend: str | None,
+) -> None:
+    """One clear error for a lever setting that cannot work, before any training starts."""
+    if loss not in LOSSES:
+        raise AfptError(f"optim.loss must be one of {LOSSES}, got {loss!r}")
+    if loss != "hf" and importlib.util.find_spec("liger_kernel") is None:
+        raise AfptError(f"optim.loss={loss} needs liger-kernel (CUDA only): pip install liger-kernel")
+    if not isinstance(compile, bool) and compile != "auto":
+        raise AfptError(f"optim.compile must be true, false or 'auto', got {compile!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise AfptError(f"optim.compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+    if compile_options:
+        import torch._inductor.config as inductor_config
+
+        if compile_mode != "default":
+            raise AfptError(
+                f"optim.compile_options and optim.compile_mode={compile_mode!r} cannot both be set: "
+                "torch.compile takes a mode or options"
+            )
+        unknown = sorted(k for k in compile_options if not hasattr(inductor_config, k))
+        if unknown:
+            raise AfptError(f"optim.compile_options: {unknown} are not torch._inductor.config options")
+    if sdpa_backend is not None and sdpa_backend not in SDPA_BACKENDS:
+        raise AfptError(f"optim.sdpa_backend must be null or one of {sorted(SDPA_BACKENDS)}, got {sdpa_backend!r}")
+
+
+def activation_checkpointing_on(model: PreTrainedModel) -> bool:
+    """Whether the model recomputes activations (the attribute's name changed in transformers 5.2x)."""
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Hugging Face activation (gradient) checkpointing of every decoder layer, non-reentrant."""
+    if activation_checkpointing_on(model):
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_levers(module: Any, compiles: bool) -> None:
+    """Apply ``module``'s levers to ``module.model`` (once each): attention, losses, checkpointing, FSDP2, compile."""
+    hp, model = module.hparams, module.model
+    if hp.rotary_tables:
+        use_rotary_tables(model)
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention == "sdpa" and compiles:
+        # Keep sdpa's unmasked causal path (flash / cuDNN kernels) under torch.compile.
+        model.set_attn_implementation(CAUSAL_SDPA)
+        attention = CAUSAL_SDPA
+    if hp.sdpa_backend is not None and attention not in ("sdpa", CAUSAL_SDPA):
+        raise AfptError(
+            f"optim.sdpa_backend={hp.sdpa_backend!r} pins a kernel of sdpa attention, but the model "
+            f"uses {attention!r}; set model.attn_implementation=sdpa"
+        )
+    if hp.loss != "hf" and getattr(module, "_liger_loss", None) is None:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+
+        module._liger_loss = (
+            LigerFusedLinearCrossEntropyLoss if hp.loss == "fused_linear_ce" else LigerCrossEntropyLoss
+        )()
+    if hp.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if module.device_mesh is not None and not getattr(module, "_sharded", False):
+        # ModelParallelStrategy (trainer=fsdp2): FSDP2 shards over the data-parallel mesh dimension.
+        bf16 = str(module.trainer.precision) == "bf16-mixed"
+        options = getattr(module.trainer.strategy, "shard_options", {})
+        fully_shard_model(model, module.device_mesh["data_parallel"], bf16, **options)
+        module._sharded = True
+    if compiles and not getattr(module, "_compiled", False):
+        if layout(module.trainer) != "replicated":
+            # FSDP's hooks break the graph inside the decoder's layer loop, so torch.compile runs that
+            # loop eagerly and compiles each layer as a frame of its own: one guarded entry per layer
+            # instance (and per grad mode, for validation). Past the recompile limit (default 8) the
+            # remaining layers would silently run uncompiled.
+            needed = 2 * len(decoder_layers(model)) + 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
+        options = dict(hp.compile_options or {})
+        how = {"mode": None if options else hp.compile_mode, "options": options or None}
+        if hp.loss == "hf" and module.device_mesh is None:
+            # One graph from tokens to loss, whose only differentiable output is the loss. A compiled
+            # model would also output the logits, and autograd would fill a zero gradient for them
+            # (a logits-sized write, and a read in the loss's backward, every step). Under FSDP2 the
+            # model compiled in place measured faster.
+            module._compiled_hf_loss = torch.compile(module._hf_loss, **how)
+        else:  # the fused loss calls the decoder body directly, so that is what gets compiled
+            (model.base_model if hp.loss == "fused_linear_ce" else model).compile(**how)
+        module._compiled = True
+
+
+def liger_loss(module: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss through liger-kernel: ``fused_linear_ce`` (head matmul and cross-entropy in
+    chunks, the logits never materialised) or ``liger_ce`` (its cross-entropy kernel on the full logits)."""
+    model, mask = module.model, batch.get("attention_mask")
+    if module.hparams.loss == "fused_linear_ce":
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()
+        return module._liger_loss(
+            head.weight,
+            hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            getattr(head, "bias", None),
+        )
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
+    # Position t predicts token t + 1; the last position predicts nothing. Shifting the labels, not
+    # slicing the logits, keeps the logits contiguous (no copy).
+    targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    return module._liger_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def pin_sdpa_kernel(backend: str | None) -> contextlib.ExitStack | None:
+    """Hold ``scaled_dot_product_attention`` to one kernel until the returned stack is closed (None: no pin).
+
+    Held for the whole run: backward passes and activation recomputation use the same kernel.
+    """
+    if backend is None:
+        return None
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel(SDPA_BACKENDS[backend]))
+    return stack

@@ -1,0 +1,104 @@
+"""The study's report: its headline numbers and ``report/report.md``, which links what each stage wrote."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from afpt.evaluate.report import flat_metrics, markdown_tables
+from afpt.io import write_text
+
+log = logging.getLogger("afpt")
+ARMS = ("af", "baseline")
+
+
+def headline(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> dict[str, float]:
+    """The study's key numbers: adaptation perplexity on the new languages, AF vs baseline, and per model the
+    mean isotropy and the world tasks' scores."""
+    out: dict[str, float] = {}
+    for arm in ARMS:
+        after = results[f"adapt_{arm}"]["after"]
+        for lang, values in after.items():
+            out[f"{arm}/adapt/{lang}/ppl_char"] = values["ppl_char"]
+            out[f"{arm}/adapt/{lang}/ppl_token"] = values["ppl_token"]
+        out[f"{arm}/adapt/mean_ppl_char"] = sum(v["ppl_char"] for v in after.values()) / len(after)
+        out[f"{arm}/pretrain/val_loss"] = results[f"pretrain_{arm}"]["val/loss"]
+        if f"instruct_{arm}" in results:
+            out[f"{arm}/instruct/answer_logprob"] = results[f"instruct_{arm}"]["after"]["answer_logprob_per_token"]
+    out["adapt_ppl_char_gain"] = out["baseline/adapt/mean_ppl_char"] - out["af/adapt/mean_ppl_char"]
+    wanted = (
+        "/isotropy/mean/self_similarity",
+        "/isotropy/mean/self_similarity_adjusted",
+        "/task/afpt_mc/acc",
+        "/task/afpt_translate/chrf",
+    )
+    out.update({f"eval/{k}": v for k, v in flat_metrics(evaluation["models"]).items() if k.endswith(wanted)})
+    return out
+
+
+def _image(report: Path, path: Path, alt: str) -> list[str]:
+    """A Markdown image line for a plot a stage wrote (relative to the report), if it exists."""
+    return [f"![{alt}]({os.path.relpath(path, report)})", ""] if path.is_file() else []
+
+
+def write_report(study: Path, results: dict[str, dict[str, Any]], evaluation: dict[str, Any], cfg: DictConfig):
+    """``report/report.md``: every table, and links to the plots the stages wrote; returns the headline numbers."""
+    report = study / "report"
+    numbers = headline(results, evaluation)
+    lines = [
+        "# afpt study: active forgetting vs baseline",
+        "",
+        f"Model `{cfg.model.name}`, seed {cfg.seed}, forgetting every {cfg.forgetting.get('every_n_steps')} steps, "
+        f"{results['pretrain_af']['global_step']} pretraining steps, adaptation to "
+        f"{', '.join(results['adapt_af']['languages'])} ({cfg.adapt.init} init, {cfg.adapt.policy}).",
+        "",
+        "## Pretraining",
+        "",
+        "| arm | val loss | resets | train time (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    for arm in ARMS:
+        r = results[f"pretrain_{arm}"]
+        lines.append(f"| {arm} | {r['val/loss']:.4f} | {len(r['resets'])} | {r['train_time_s']} |")
+    lines.append("")
+    for arm in ARMS:
+        lines += _image(report, study / f"pretrain_{arm}" / "loss.png", f"pretraining loss, {arm}")
+    lines += ["## Adaptation (held-out languages)", ""]
+    lines += [
+        "| arm | language | ppl/token before | ppl/token after | ppl/char before | ppl/char after |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for arm in ARMS:
+        r = results[f"adapt_{arm}"]
+        for lang in r["languages"]:
+            b, a = r["before"][lang], r["after"][lang]
+            lines.append(
+                f"| {arm} | {lang} | {b['ppl_token']:.4g} | {a['ppl_token']:.4g} | {b['ppl_char']:.4g} | {a['ppl_char']:.4g} |"
+            )
+    lines.append("")
+    for arm in ARMS:
+        lines += _image(report, study / f"adapt_{arm}" / "adaptation.png", f"adaptation curves, {arm}")
+    if "instruct_af" in results:
+        lines += [
+            "## Instruction tuning (English)",
+            "",
+            "| arm | gold log-prob/token before | after | exact match after |",
+            "|---|---:|---:|---:|",
+        ]
+        for arm in ARMS:
+            r = results[f"instruct_{arm}"]
+            lines.append(
+                f"| {arm} | {r['before']['answer_logprob_per_token']:.3f} | {r['after']['answer_logprob_per_token']:.3f} | "
+                f"{r['after']['exact_match']:.2f} |"
+            )
+        lines.append("")
+    lines += ["## Evaluation of every model", ""]
+    lines += markdown_tables(evaluation["models"], evaluation["config"]["isotropy"]["layer"], level=3)
+    lines += _image(report, study / "evaluate" / "comparison.png", "evaluation of every model")
+    write_text(report / "report.md", "\n".join(lines) + "\n")
+    log.info("pipeline report: %s", report / "report.md")
+    return numbers

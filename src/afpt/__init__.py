@@ -1,7 +1,0 @@
-"""afpt: pretraining decoder language models with active forgetting, and carrying them to new languages."""
-
-from afpt.forgetting import ActiveForgetting
-from afpt.module import CausalLMModule
-
-__all__ = ["ActiveForgetting", "CausalLMModule"]
-__version__ = "0.1.0"

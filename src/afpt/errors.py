@@ -1,5 +1,0 @@
-"""The one exception type for input a user must fix: a config key, a file, or a value."""
-
-
-class AfptError(ValueError):
-    """Bad input, reported in one line that names the key, file or value and what was expected."""
