@@ -51,13 +51,14 @@ SPLITS = ("train", "validation")
 
 
 def load_corpus(
-    cfg: Mapping[str, Any], languages: Sequence[str] | None = None, splits: Sequence[str] = SPLITS
+    cfg: Mapping[str, Any], languages: Sequence[str] | None = None, splits: Sequence[str] = SPLITS, key: str = "data"
 ) -> Corpus:
     """The corpus a ``data`` config describes, for ``languages`` (default: the config's own), as ``splits``.
 
     The one switch over text sources: ``world`` (the embedded world's train / validation documents),
     ``files`` (``files``, and ``validation_files`` or a ``validation_fraction`` of them) and ``hub`` (the
     first ``val_docs`` documents of a streamed dataset for validation, the next ``max_docs`` for training).
+    ``key`` names the config in errors.
     """
     source = cfg.get("source")
     if source not in SOURCES:
@@ -72,7 +73,7 @@ def load_corpus(
             )
         )
     elif source == "files":
-        corpus = _load_files(cfg, languages, splits)
+        corpus = _load_files(cfg, languages, splits, key)
     else:
         corpus = _load_hub(cfg, languages, splits)
     for lang, ds in corpus.train.items():
@@ -111,7 +112,7 @@ def load_records(paths: Sequence[str], key: str) -> datasets.Dataset:
             raise DataError(f"{key}: file {path!r} does not exist")
         if Path(path).stat().st_size == 0:
             raise DataError(f"{key}: file {path!r} is empty")
-        if Path(path).suffix.lower() != ".parquet" and not _has_a_line(path):
+        if FILE_BUILDERS.get(Path(path).suffix.lower()) == "json" and not _has_a_line(path):
             raise DataError(f"{key}: file {path!r} holds no records")
     if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_BUILDERS:
         raise DataError(f"{key}: files must share one extension among {sorted(FILE_BUILDERS)}, got {sorted(suffixes)}")
@@ -133,23 +134,23 @@ def load_text_files(paths: list[str], key: str, text_field: str) -> datasets.Dat
     return ds
 
 
-def _load_files(cfg: Mapping[str, Any], languages: Sequence[str] | None, splits: Sequence[str]) -> Corpus:
-    train_map = as_file_map(cfg.get("files"), "data.files")
-    val_map = as_file_map(cfg["validation_files"], "data.validation_files") if cfg.get("validation_files") else {}
+def _load_files(cfg: Mapping[str, Any], languages: Sequence[str] | None, splits: Sequence[str], key: str) -> Corpus:
+    train_map = as_file_map(cfg.get("files"), f"{key}.files")
+    val_map = as_file_map(cfg["validation_files"], f"{key}.validation_files") if cfg.get("validation_files") else {}
     text_field = cfg.get("text_field", "text")
     langs = list(languages or train_map)
     missing = [lang for lang in langs if lang not in train_map]
     if missing:
-        raise DataError(f"data.files has no files for languages {missing}; it has {sorted(train_map)}")
+        raise DataError(f"{key}.files has no files for languages {missing}; it has {sorted(train_map)}")
     train, validation = {}, {}
     for lang in langs:
         if lang in val_map:
             if "train" in splits:
-                train[lang] = load_text_files(train_map[lang], f"data.files[{lang}]", text_field)
+                train[lang] = load_text_files(train_map[lang], f"{key}.files[{lang}]", text_field)
             if "validation" in splits:
-                validation[lang] = load_text_files(val_map[lang], f"data.validation_files[{lang}]", text_field)
+                validation[lang] = load_text_files(val_map[lang], f"{key}.validation_files[{lang}]", text_field)
             continue
-        ds = load_text_files(train_map[lang], f"data.files[{lang}]", text_field)
+        ds = load_text_files(train_map[lang], f"{key}.files[{lang}]", text_field)
         fraction = cfg.get("validation_fraction", 0.05)
         if fraction <= 0 or len(ds) < 2:
             train[lang], validation[lang] = ds, ds.select([])
@@ -215,20 +216,17 @@ def heldout_texts(cfg: Mapping[str, Any], world: Mapping[str, Any]) -> dict[str,
         unknown = [lang for lang in langs if lang not in codes]
         if unknown:
             raise DataError(f"evaluate.heldout.languages {unknown} have no held-out text in the world (it has {codes})")
-        spec = {"source": "world", "world": world}
+        spec, split = {"source": "world", "world": world}, "validation"
     elif source == "files":
-        file_map = as_file_map(cfg.get("files"), "evaluate.heldout.files")
-        langs = langs or list(file_map)
-        missing = [lang for lang in langs if lang not in file_map]
-        if missing:
-            raise DataError(f"evaluate.heldout.files has no files for languages {missing}; it has {sorted(file_map)}")
-        spec = {"source": "files", "files": file_map, "validation_files": file_map, "text_field": cfg["text_field"]}
+        langs = langs or list(as_file_map(cfg.get("files"), "evaluate.heldout.files"))
+        spec = {"source": "files", "files": cfg["files"], "validation_fraction": 0, "text_field": cfg["text_field"]}
+        split = "train"  # the files are the held-out text
     else:
         if not langs:
             raise DataError("evaluate.heldout.languages is empty: name the hub languages to evaluate")
-        spec = {"source": "hub", "hub": {**cfg["hub"], "val_docs": docs, "max_docs": 0}}
-    corpus = load_corpus(spec, langs, splits=("validation",))
-    texts = {lang: corpus.validation[lang]["text"][:docs] for lang in langs}
+        spec, split = {"source": "hub", "hub": {**cfg["hub"], "val_docs": docs, "max_docs": 0}}, "validation"
+    corpus = load_corpus(spec, langs, splits=(split,), key="evaluate.heldout")
+    texts = {lang: getattr(corpus, split)[lang]["text"][:docs] for lang in langs}
     empty = [lang for lang, found in texts.items() if not any(t.strip() for t in found)]
     if empty:
         raise DataError(f"languages {empty} have no held-out text in evaluate.heldout (source={source})")
