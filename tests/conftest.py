@@ -1,133 +1,30 @@
-"""Shared fixtures: tiny real models, a real token stream, and composed Hydra configs."""
+"""Shared fixtures: a fresh run directory and a tiny pretrained model; the environment of every test."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
-from torch.utils.data import DataLoader, Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
-
-# Overrides that make any composed config run in seconds on 2 CPU cores.
-TINY = [
-    "model.vocab_size=512",
-    "model.hidden_size=32",
-    "model.num_layers=1",
-    "model.num_heads=2",
-    "model.num_kv_heads=null",
-    "model.intermediate_size=64",
-    "model.max_position_embeddings=64",
-    "data.world.num_people=20",
-    "data.world.train_docs_per_language=60",
-    "data.world.val_docs_per_language=8",
-    "data.block_size=32",
-    "data.batch_size=4",
-    "data.max_val_blocks=4",
-    "data.tokenizer.sample_docs=60",
-    "trainer.max_steps=6",
-    "trainer.val_check_interval=3",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.accelerator=cpu",
-    "++forgetting.every_n_steps=2",
-    "callbacks.model_checkpoint.every_n_train_steps=3",
-]
-
-
-def compose_config(tmp_path: Path, overrides: list[str] = (), tiny: bool = True) -> DictConfig:
-    """The real afpt config, composed (with tiny sizes unless ``tiny=False``) and a run dir under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    tiny_overrides = list(TINY if tiny else [])
-    if "forgetting=none" in overrides:  # no forgetting node to set options on
-        tiny_overrides = [o for o in tiny_overrides if not o.startswith("++forgetting.")]
-    with initialize_config_module(config_module="afpt.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*tiny_overrides, *overrides])
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(tmp_path)
-    return cfg
-
-
-class RandomTokens(Dataset):
-    """Seeded random token blocks: a real dataset for real Trainer runs."""
-
-    def __init__(self, vocab: int, length: int = 16, size: int = 64, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.data = torch.randint(0, vocab, (size, length), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.data[i]}
-
-
-def tiny_llama(tied: bool, vocab: int = 96, layers: int = 1) -> LlamaForCausalLM:
-    """A small Llama (one layer by default) with 96 tokens and a pad token (id 0)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tied,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config)
-
-
-class UserGPT2(pl.LightningModule):
-    """A user's own LightningModule around a tied GPT-2, not afpt's module."""
-
-    def __init__(self, vocab: int = 96, lr: float = 1e-2, fused: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=1, n_head=2, n_positions=32))
-        self.lr = lr
-        self.fused = fused
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=self.fused)
-
-
-def loader(vocab: int = 96, batch_size: int = 4) -> DataLoader:
-    """A real DataLoader over random tokens."""
-    return DataLoader(RandomTokens(vocab), batch_size=batch_size, shuffle=False)
-
-
-def fit(module: pl.LightningModule, callbacks: list, max_steps: int, **trainer_kwargs) -> pl.Trainer:
-    """A real CPU Trainer run with no logging or checkpoints."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **trainer_kwargs,
-    )
-    trainer.fit(module, train_dataloaders=loader())
-    return trainer
 
 
 @pytest.fixture
 def tmp_run(tmp_path: Path) -> Path:
     """A fresh run directory."""
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> Path:
+    """A tiny model pretrained on the world for a few steps (shared by the evaluation tests)."""
+    from helpers import compose_config
+
+    from afpt.pretrain import stage as pretrain
+
+    run = tmp_path_factory.mktemp("base")
+    pretrain.run(compose_config(run, ["forgetting=none", "trainer.max_steps=10"]))
+    return run / "model"

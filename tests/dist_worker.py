@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from conftest import loader, tiny_llama
+from helpers import loader, tiny_llama
 from torch.distributed.fsdp import FSDPModule
 
 from afpt import ActiveForgetting, CausalLMModule

@@ -1,21 +1,16 @@
-"""The whole study, sweeps and their summary, experiments, and Lightning's own CLI, on tiny settings."""
+"""stage=pipeline: the whole study, its report and resume; every experiment config."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import afpt.conf
 import pytest
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 
 import afpt.study.pipeline as pipeline
-from afpt.lightning_cli import cli
-from afpt.pretrain.forgetting import ActiveForgetting
-from afpt.study.summary import write_summary
 
 FAST_STUDY = [
     "stage=pipeline",
@@ -126,62 +121,3 @@ def test_every_experiment_config_runs(tmp_path, name):
         cfg = compose_config(tmp_path, [f"experiment={name}"])
         assert cfg.stage.name == "pipeline"
         assert pipeline.run(compose_config(tmp_path, [f"experiment={name}", *FAST_STUDY]))["af/adapt/mean_ppl_char"] > 0
-
-
-def test_unknown_experiment_lists_the_existing_ones(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "afpt", "experiment=nope", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True
-    )
-    assert proc.returncode != 0
-    assert "experiment/nope" in proc.stderr and "afa_paper" in proc.stderr and "world_study" in proc.stderr
-
-
-def test_multirun_jobs_do_not_collide_and_are_summarised(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "afpt",
-            "-m",
-            *TINY,
-            "trainer.max_steps=4",
-            "forgetting.every_n_steps=2,3",
-            "seed=0,1",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0", "1", "2", "3"] and all((sweep / j / "model" / "model.safetensors").is_file() for j in jobs)
-    summary = (sweep / "summary.md").read_text()
-    assert "| forgetting.every_n_steps=2 | 2 |" in summary and "| forgetting.every_n_steps=3 | 2 |" in summary
-    losses = [json.loads((sweep / j / "metrics.json").read_text())["val/loss"] for j in jobs]
-    assert len(set(losses)) == 4  # seeds and K really differ
-    assert write_summary(sweep) == sweep / "summary.md"
-
-
-def test_lightning_cli_trains_with_forgetting(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    model = "{family: llama, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
-    data = "{source: world, world: {seed: 0, num_people: 20, train_docs_per_language: 60, val_docs_per_language: 8}, block_size: 32, batch_size: 4}"
-    run = cli(
-        [
-            "fit",
-            f"--model.model={model}",
-            f"--data.data={data}",
-            "--data.vocab_size=512",
-            "--trainer.max_steps=6",
-            "--trainer.accelerator=cpu",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.logger=false",
-            "--trainer.callbacks+=afpt.pretrain.forgetting.ActiveForgetting",
-            "--trainer.callbacks.every_n_steps=2",
-        ]
-    )
-    forgetting = next(c for c in run.trainer.callbacks if isinstance(c, ActiveForgetting))
-    assert [r["step"] for r in forgetting.history] == [2, 4]
-    assert run.trainer.global_step == 6
-    assert run.model.model.get_input_embeddings().weight.shape[0] >= len(run.datamodule.tokenizer)

@@ -7,7 +7,7 @@ import importlib.util
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import loader, tiny_llama
+from helpers import loader, tiny_llama
 
 from afpt import CausalLMModule
 from afpt.pretrain.forgetting import ActiveForgetting

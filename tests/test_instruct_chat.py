@@ -1,4 +1,4 @@
-"""Instruction tuning: ChatML rendering, assistant-only labels, data formats, end-to-end, bad input."""
+"""ChatML: the template, assistant-only labels, ChatML tokens, and instruction records."""
 
 from __future__ import annotations
 
@@ -6,12 +6,9 @@ import json
 
 import datasets
 import pytest
-from conftest import compose_config, tiny_llama
+from helpers import tiny_llama
 from transformers import AutoTokenizer
 
-import afpt.instruct.generate as generate
-import afpt.instruct.stage as instruct
-import afpt.pretrain.stage as pretrain
 from afpt.data import DataError, train_tokenizer
 from afpt.instruct.chat import CHATML_TEMPLATE, encode_conversation, ensure_chatml, load_conversations
 
@@ -124,50 +121,3 @@ def test_bad_records_name_index_and_field(tmp_path, records, fmt, message):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(DataError, match=message):
         load_conversations({"format": fmt, "files": str(path)})
-
-
-def test_tuning_on_world_questions_raises_the_gold_answer_likelihood(tmp_path, capsys):
-    base = tmp_path / "pretrain"
-    pretrain.run(compose_config(base, ["forgetting=none", "trainer.max_steps=20", "model.max_position_embeddings=256"]))
-    out = tmp_path / "instruct"
-    metrics = instruct.run(
-        compose_config(
-            out,
-            [
-                "stage=instruct",
-                f"init_from={base / 'model'}",
-                "instruct.epochs=2",
-                "instruct.optim.lr=5e-3",
-                "instruct.eval_questions=10",
-                "instruct.max_length=256",
-            ],
-        )
-    )
-    assert metrics["after"]["answer_logprob_per_token"] > metrics["before"]["answer_logprob_per_token"] + 0.5
-    assert metrics["overflowed"]["train"] == 0
-    tok = AutoTokenizer.from_pretrained(out / "model")
-    assert tok.chat_template == CHATML_TEMPLATE
-    reply = generate.run(
-        compose_config(
-            tmp_path / "gen",
-            ["stage=generate", f"init_from={out / 'model'}", "prompt=Where does Niran live?", "stage.max_new_tokens=8"],
-        )
-    )["reply"]
-    assert reply in capsys.readouterr().out
-
-
-def test_overlong_conversations_are_skipped_with_a_count(tmp_path):
-    base = tmp_path / "pretrain"
-    pretrain.run(compose_config(base, ["forgetting=none", "trainer.max_steps=2"]))
-    with pytest.raises(DataError, match="no training conversation left"):
-        instruct.run(
-            compose_config(tmp_path / "i", ["stage=instruct", f"init_from={base / 'model'}", "instruct.max_length=8"])
-        )
-    assert not (tmp_path / "i" / "model").exists()
-
-
-def test_empty_instruction_file_is_refused(tmp_path):
-    path = tmp_path / "empty.jsonl"
-    path.write_text("\n")
-    with pytest.raises(DataError, match="holds no records"):
-        load_conversations({"format": "messages", "files": str(path)})

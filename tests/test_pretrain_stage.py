@@ -12,7 +12,7 @@ from pathlib import Path
 import afpt.conf
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

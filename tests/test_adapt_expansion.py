@@ -1,18 +1,14 @@
-"""Adaptation: tokenizer merge, the four initialisers, freeze policies, and an end-to-end run."""
+"""Vocabulary merging, new-row initialisers and freeze policies."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 
 import pytest
 import torch
-from conftest import compose_config, fit, tiny_llama
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from helpers import fit, tiny_llama
 
-import afpt.adapt.stage as adapt
-import afpt.pretrain.stage as pretrain
 from afpt import CausalLMModule
 from afpt.adapt.expansion import apply_policy, changed_frozen, expand_vocabulary, frozen_snapshot
 from afpt.adapt.initializers import init_from_overlap, init_mean, init_new_rows, init_random, overlap_weights
@@ -130,124 +126,3 @@ def test_freeze_policies_change_exactly_the_promised_tensors(policy, tied):
         assert not torch.equal(emb[n_old:].detach(), before["model.embed_tokens.weight"][n_old:])
     if not tied:
         assert ("lm_head.weight" in changed) == (policy in ("new_rows_and_head", "full"))
-
-
-def test_pretrain_then_adapt_to_a_held_out_language(tmp_path):
-    base_dir = tmp_path / "pretrain"
-    pretrain.run(compose_config(base_dir, ["forgetting=none", "trainer.max_steps=30"]))
-    out = tmp_path / "adapt"
-    cfg = compose_config(
-        out,
-        [
-            "stage=adapt",
-            f"init_from={base_dir / 'model'}",
-            "adapt.languages=[xd]",
-            "adapt.new_tokens=256",
-            "adapt.token_budget=5000",
-            "adapt.eval_docs=8",
-            "adapt.val_every_n_steps=10",
-        ],
-    )
-    metrics = adapt.run(cfg)
-    assert metrics["new_tokens"] > 100 and metrics["frozen_unchanged"]
-    assert metrics["trainable_parameters"]["body"] == 0
-    assert metrics["after"]["xd"]["ppl_char"] < metrics["before"]["xd"]["ppl_char"] / 100
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["vocab_size_after"] == len(AutoTokenizer.from_pretrained(out / "model"))
-    model = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert model.get_input_embeddings().weight.shape[0] >= saved["vocab_size_after"]
-    assert (out / "adaptation.png").read_bytes().startswith(b"\x89PNG")
-
-
-@pytest.mark.parametrize("init", ["clp", "focus"])
-def test_clp_and_focus_train_their_own_helper(tmp_path, init):
-    base_dir = tmp_path / "pretrain"
-    pretrain.run(compose_config(base_dir, ["forgetting=none", "trainer.max_steps=4"]))
-    cfg = compose_config(
-        tmp_path / "adapt",
-        [
-            "stage=adapt",
-            f"init_from={base_dir / 'model'}",
-            "adapt.languages=[xe]",
-            f"adapt.init={init}",
-            "adapt.new_tokens=128",
-            "adapt.token_budget=500",
-            "adapt.eval_docs=4",
-            "adapt.helper.steps=5",
-            "adapt.helper.batch_size=4",
-        ],
-    )
-    metrics = adapt.run(cfg)
-    assert metrics["init"] == init and metrics["fallback_rows"] == 0 and metrics["new_tokens"] > 50
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["adapt.policy=everything"], "adapt.policy='everything' is unknown"),
-        (["adapt.init=fasttext"], "adapt.init='fasttext' is unknown"),
-        (["adapt.vocab_size=10"], "adapt.vocab_size=10 is smaller"),
-    ],
-)
-def test_adapt_bad_input(tmp_path, overrides, message):
-    base_dir = tmp_path / "pretrain"
-    pretrain.run(compose_config(base_dir, ["forgetting=none", "trainer.max_steps=2"]))
-    out = tmp_path / "adapt"
-    with pytest.raises(AfptError, match=message.replace("(", r"\(")):
-        adapt.run(compose_config(out, ["stage=adapt", f"init_from={base_dir / 'model'}", *overrides]))
-    assert not (out / "model").exists() and not (out / "metrics.json").exists()
-
-
-def test_adapt_refuses_a_model_without_tokenizer_and_an_empty_corpus(tmp_path):
-    model = tiny_llama(tied=True)
-    model.save_pretrained(tmp_path / "bare")
-    with pytest.raises(AfptError, match="holds no tokenizer"):
-        adapt.run(compose_config(tmp_path / "a", ["stage=adapt", f"init_from={tmp_path / 'bare'}"]))
-    base_dir = tmp_path / "pretrain"
-    pretrain.run(compose_config(base_dir, ["forgetting=none", "trainer.max_steps=2"]))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    with pytest.raises(AfptError, match="is empty"):
-        adapt.run(
-            compose_config(
-                tmp_path / "b",
-                [
-                    "stage=adapt",
-                    f"init_from={base_dir / 'model'}",
-                    "data=files",
-                    f"data.files={{xd: {empty}}}",
-                    "adapt.languages=[xd]",
-                ],
-            )
-        )
-    assert not (tmp_path / "b" / "model").exists()
-    sharded = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.precision=32-true"]
-    with pytest.raises(AfptError, match="stage=adapt runs on one device or under DDP"):
-        adapt.run(compose_config(tmp_path / "c", ["stage=adapt", f"init_from={base_dir / 'model'}", *sharded]))
-    assert not (tmp_path / "c" / "model").exists()
-
-
-def test_adapt_resume_matches_an_uninterrupted_run(tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file
-
-    base_dir = tmp_path / "pretrain"
-    pretrain.run(compose_config(base_dir, ["forgetting=none", "trainer.max_steps=4"]))
-    common = [
-        "stage=adapt",
-        f"init_from={base_dir / 'model'}",
-        "adapt.languages=[xd]",
-        "adapt.new_tokens=128",
-        "adapt.token_budget=1024",
-        "adapt.eval_docs=4",
-        "callbacks.model_checkpoint.every_n_train_steps=4",
-        "callbacks.model_checkpoint.save_top_k=-1",
-    ]
-    full = tmp_path / "full"
-    adapt.run(compose_config(full, common))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full / "tokenizer", resumed / "tokenizer")
-    adapt.run(compose_config(resumed, [*common, f"ckpt_path={full / 'checkpoints' / 'step4.ckpt'}"]))
-    a, b = load_file(full / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,199 @@
+"""The module's speed levers (compile, losses, sdpa pinning, checkpointing), on real tiny models and Trainer runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import compose_config, fit, loader, tiny_llama
+from lightning.pytorch import Callback
+
+from afpt import CausalLMModule
+from afpt.errors import AfptError
+from afpt.speed.levers import activation_checkpointing_on
+
+
+def gradients_after_one_step(activation_checkpointing: bool) -> dict[str, torch.Tensor]:
+    module = CausalLMModule(tiny_llama(tied=False), activation_checkpointing=activation_checkpointing, grad_clip=None)
+    grads = {}
+
+    class Grab(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.update({n: p.grad.clone() for n, p in pl_module.model.named_parameters()})
+
+    fit(module, [Grab()], max_steps=1)
+    assert activation_checkpointing_on(module.model) == activation_checkpointing
+    return grads
+
+
+def test_activation_checkpointing_recomputes_the_same_gradients():
+    plain, recomputed = gradients_after_one_step(False), gradients_after_one_step(True)
+    assert plain.keys() == recomputed.keys() and len(plain) > 5
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], msg=name)
+
+
+def test_sdpa_backend_is_pinned_for_the_whole_fit_and_released_after():
+    seen = []
+
+    class Flags(Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            seen.append((torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()))
+
+    before = torch.backends.cuda.flash_sdp_enabled()
+    fit(CausalLMModule(tiny_llama(tied=True), sdpa_backend="math"), [Flags()], max_steps=2)
+    assert seen == [(True, False), (True, False)]
+    assert torch.backends.cuda.flash_sdp_enabled() == before
+
+
+def test_training_and_validation_build_no_kv_cache():
+    """A cache is useless for a loss, and under FSDP each compiled layer would guard on its state."""
+    caches = []
+    module = CausalLMModule(tiny_llama(tied=True))
+    module.model.register_forward_hook(lambda mod, args, out: caches.append((mod.training, out.past_key_values)))
+    trainer = fit(module, [], max_steps=2)
+    trainer.validate(module, dataloaders=loader(), verbose=False)
+    assert [training for training, _ in caches] == [True, True] + [False] * len(loader())
+    assert all(cache is None for _, cache in caches)
+
+
+def test_unknown_sdpa_backend_is_refused():
+    with pytest.raises(AfptError, match="optim.sdpa_backend must be null or one of"):
+        CausalLMModule(tiny_llama(tied=True), sdpa_backend="flash3")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"compile_options": {"no_such_option": True}}, r"\['no_such_option'\] are not torch._inductor.config"),
+        (
+            {"compile_options": {"coordinate_descent_tuning": True}, "compile_mode": "max-autotune"},
+            "cannot both be set",
+        ),
+    ],
+)
+def test_bad_compile_options_are_refused(kwargs, message):
+    with pytest.raises(AfptError, match=message):
+        CausalLMModule(tiny_llama(tied=True), compile=True, **kwargs)
+
+
+def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):
+    """``optim.compile_options`` from the Hydra config is what the loss is compiled with."""
+    seen = []
+
+    def recording_compile(fn, **kwargs):
+        seen.append((fn.__name__, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    cfg = compose_config(tmp_path, ["optim.compile_options={coordinate_descent_tuning:true}", "optim.compile=true"])
+    from afpt.stages import to_dict
+
+    module = CausalLMModule(tiny_llama(tied=True), **to_dict(cfg.optim))
+    fit(module, [], max_steps=1)
+    assert seen == [("_hf_loss", {"mode": None, "options": {"coordinate_descent_tuning": True}})]
+
+
+def test_the_compiled_hf_loss_has_the_loss_as_its_only_differentiable_output(monkeypatch):
+    """No logits leave the graph, so autograd fills no logits-sized zero gradient in the backward."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=recording_backend))
+    torch._dynamo.reset()
+    trainer = fit(CausalLMModule(tiny_llama(tied=True), compile=True), [], max_steps=2)
+    assert trainer.global_step == 2 and graphs
+    for gm in graphs:
+        (output,) = [node for node in gm.graph.nodes if node.op == "output"]
+        values = [node.meta["example_value"] for node in output.args[0] if hasattr(node, "meta")]
+        differentiable = [v for v in values if v.requires_grad]
+        assert len(differentiable) == 1 and differentiable[0].dim() == 0
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(AfptError, match="optim.compile_mode must be one of"):
+        CausalLMModule(tiny_llama(tied=True), compile=True, compile_mode="fastest")
+
+
+class StepLosses(Callback):
+    """Records each training step's loss."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_progress_bar_loss_is_a_host_copy_refreshed_every_log_interval(progress_bar):
+    import lightning.pytorch as pl
+
+    losses = StepLosses()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        log_every_n_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        callbacks=[losses],
+    )
+    trainer.fit(CausalLMModule(tiny_llama(tied=True), compile=False), train_dataloaders=loader())
+    assert len(set(losses.losses)) == 4
+    # The logger and callbacks see every step's device loss; the bar never holds a device tensor.
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(losses.losses[3])
+    assert "train/loss" not in trainer.progress_bar_metrics
+    if progress_bar:  # refreshed at batches 0 and 2 only, as a host float
+        assert trainer.progress_bar_metrics["loss"] == pytest.approx(losses.losses[2])
+    else:
+        assert "loss" not in trainer.progress_bar_metrics
+
+
+def test_auto_levers_keep_a_cpu_run_eager_without_workers():
+    """``compile``, ``num_workers`` and ``pin_memory`` default to ``auto``: off on a CPU trainer."""
+    import datasets
+
+    from afpt.data import PretrainDataModule
+
+    blocks = datasets.Dataset.from_dict({"input_ids": torch.randint(0, 96, (32, 16)).tolist()})
+    datamodule = PretrainDataModule({"en": blocks}, {"en": blocks.select(range(4))}, batch_size=4)
+    module = CausalLMModule(tiny_llama(tied=True))
+    assert module.hparams.compile == "auto"
+    trainer = fit_datamodule(module, datamodule)
+    assert trainer.global_step == 2 and not module.compiles() and not hasattr(module, "_compiled")
+    assert (datamodule.num_workers, datamodule.pin_memory) == (0, False)
+    loader = datamodule.train_dataloader()
+    assert (loader.num_workers, loader.pin_memory) == (0, False)
+
+
+def fit_datamodule(module, datamodule):
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def test_bad_compile_value_is_refused():
+    with pytest.raises(AfptError, match="optim.compile must be true, false or 'auto'"):
+        CausalLMModule(tiny_llama(tied=True), compile="yes")
+
+
+def test_pinning_an_sdpa_kernel_on_a_flex_model_is_refused():
+    model = tiny_llama(tied=True)
+    model.set_attn_implementation("flex_attention")
+    with pytest.raises(AfptError, match="optim.sdpa_backend='math' pins a kernel of sdpa attention"):
+        fit(CausalLMModule(model, sdpa_backend="math"), [], max_steps=1)

@@ -1,0 +1,63 @@
+"""Throughput and profiling callbacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import fit, tiny_llama
+
+from afpt import CausalLMModule
+
+
+def test_kernel_breakdown_splits_the_profiled_steps_by_category(tmp_path):
+    from afpt.speed.throughput import KernelBreakdown, is_host_sync, kernel_category
+
+    profile = KernelBreakdown(str(tmp_path), start_step=2, steps=3, top=4)
+    fit(CausalLMModule(tiny_llama(tied=True)), [profile], max_steps=6)
+    written = json.loads((tmp_path / "profile.json").read_text())
+    assert written == profile.result and written["steps"] == 3
+    ms = written["kernel_ms_per_step"]
+    for category in ("matmul", "attention", "loss (softmax / cross-entropy)", "optimizer + grad clip"):
+        assert ms.get(category, 0) > 0, category
+    assert sum(ms.values()) <= written["wall_ms_per_step"] * 1.05
+    top = written["top_kernels_ms_per_step"]
+    assert len(top) == 4 and list(top.values()) == sorted(top.values(), reverse=True)
+    assert max(top.values()) <= max(ms.values()) and any("mm" in name or "linear" in name for name in top)
+    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kernel_category("flash_fwd_kernel") == "attention"
+    assert kernel_category("triton_red_fused__log_softmax_0") == "loss (softmax / cross-entropy)"
+    assert kernel_category("ncclDevKernel_AllGather_RING_LL") == "communication"
+    assert kernel_category("triton_poi_fused_mul_rsqrt_1") == "other"
+    assert written["host_syncs_per_step"] == 0 and written["sync_sites"] == {}  # CPU: nothing to wait for
+    assert is_host_sync("cudaStreamSynchronize") and is_host_sync("cudaMemcpy")
+    assert not is_host_sync("cudaMemcpyAsync") and not is_host_sync("cudaLaunchKernel")
+
+
+def test_kernel_breakdown_names_the_line_of_an_implicit_sync():
+    from afpt.speed.throughput import KernelBreakdown
+
+    profile = KernelBreakdown("unused")
+    message = UserWarning("called a synchronizing CUDA operation")
+    for _ in range(2):
+        profile._record_warning(message, UserWarning, "torch/cuda/__init__.py", 1)
+    line = test_kernel_breakdown_names_the_line_of_an_implicit_sync.__code__.co_firstlineno + 6
+    assert profile._stop_sync_debug() == {f"tests/test_speed_throughput.py:{line}": 2}
+    with pytest.warns(UserWarning, match="unrelated"):  # other warnings are shown as usual
+        profile._record_warning(UserWarning("unrelated"), UserWarning, __file__, 1)
+    assert profile._stop_sync_debug() == {}
+
+
+def test_throughput_callback_logs_tokens_per_second_in_windows():
+    from afpt.speed.throughput import TokenThroughput, flops_per_token
+
+    monitor = TokenThroughput(window=2)
+    module = CausalLMModule(tiny_llama(tied=True), lr=1e-2)
+    fit(module, [monitor], max_steps=6, accumulate_grad_batches=2)
+    assert [r["step"] for r in monitor.records] == [2, 4, 6]
+    assert all(r["tokens_per_s"] > 0 and "mfu" not in r for r in monitor.records)  # no MFU on a CPU
+    assert monitor.summary()["tokens_per_s"] > 0
+    model = module.model
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    head = model.get_input_embeddings().weight.numel()  # tied: counted once as a parameter, computed as a matmul
+    assert flops_per_token(model, 16) == 6 * (body + head) + 12 * 1 * 32 * 16
