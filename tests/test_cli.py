@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+from helpers import TINY
 
 from afpt.lightning_cli import cli
 from afpt.pretrain.forgetting import ActiveForgetting
-
-FAST_STUDY = [
-    "stage=pipeline",
-    "adapt.token_budget=1024",
-    "adapt.new_tokens=64",
-    "adapt.tokenizer_sample_docs=60",
-    "adapt.eval_docs=4",
-    "adapt.val_every_n_steps=4",
-    "instruct.epochs=1",
-    "instruct.eval_questions=2",
-    "instruct.max_length=256",
-    "model.max_position_embeddings=256",
-    "evaluate.heldout.docs=8",
-    "evaluate.isotropy.words=4",
-    "evaluate.isotropy.contexts=2",
-    "evaluate.isotropy.baseline_pairs=50",
-    "evaluate.world_tasks.mc_items=8",
-    "evaluate.world_tasks.translation_items=2",
-    "evaluate.world_tasks.translation_shots=1",
-    "evaluate.world_tasks.max_gen_toks=4",
-    "evaluate.bootstrap_iters=0",
-]
 
 
 def test_unknown_experiment_lists_the_existing_ones(tmp_path):
@@ -61,3 +44,37 @@ def test_lightning_cli_trains_with_forgetting(tmp_path, monkeypatch):
     assert [r["step"] for r in forgetting.history] == [2, 4]
     assert run.trainer.global_step == 6
     assert run.model.model.get_input_embeddings().weight.shape[0] >= len(run.datamodule.tokenizer)
+
+
+@pytest.mark.slow
+def test_a_wheel_installs_and_runs_from_another_directory(tmp_path):
+    """``pip install .`` (not editable) into a fresh venv that sees this Python's packages; the installed
+    ``afpt`` finds its configs (``pkg://afpt.conf``) from an unrelated directory."""
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(root)],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    located = subprocess.run(
+        [str(python), "-c", "import afpt, afpt.conf; print(afpt.__file__); print(afpt.conf.__file__)"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
+    assert str(venv) in located.stdout and str(root) not in located.stdout, located.stdout
+    run = subprocess.run(
+        [str(venv / "bin" / "afpt"), *TINY, "stage=pretrain", "trainer.max_steps=5", "hydra.run.dir=run"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (elsewhere / "run" / "model" / "model.safetensors").is_file()
+    assert json.loads((elsewhere / "run" / "metrics.json").read_text())["global_step"] == 5
