@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from record import device_name, print_table, write_record
 
-DEVICE = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+DEVICE = device_name()
 SETTINGS = {
     "1gpu": ["trainer=gpu", "trainer.devices=1"],
     "ddp": ["trainer=ddp"],
@@ -108,12 +108,6 @@ def parse_setting(text: str) -> str:
     return text
 
 
-def write(out: Path, args: argparse.Namespace, rows: list[dict]) -> None:
-    """Record the rows measured so far, with the device, date and arguments."""
-    record = {"device": DEVICE, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}
-    (out / "scaling.json").write_text(json.dumps(record, indent=2))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), type=parse_setting)
@@ -138,12 +132,12 @@ def main() -> None:
                 args.profile,
             )
         )
-        write(out, args, rows)
+        write_record(out / "scaling.json", args, rows)
     single = next((r["per_gpu"] for r in rows if r["setting"].startswith("1gpu") and "error" not in r), None)
     for row in rows:
         if single and "error" not in row:
             row["per_gpu_vs_1gpu_pct"] = 100 * row["per_gpu"] / single
-    write(out, args, rows)
+    write_record(out / "scaling.json", args, rows)
     cols = [
         "setting",
         "gpus",
@@ -163,14 +157,7 @@ def main() -> None:
         "val_loss",
     ]
     print(f"device: {DEVICE} x {args.gpus}, {args.steps} steps, K={args.every_k}, overrides: {args.overrides}")
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['setting']} | failed: {row['error'][-300:]!r} |")
-            continue
-        cells = [f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols]
-        print("| " + " | ".join(cells) + " |")
+    print_table(rows, cols)
     if args.profile:
         for row in rows:
             if row.get("profile"):

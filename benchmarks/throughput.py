@@ -33,6 +33,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
+from record import device_name, print_table, write_record
 
 import afpt.pretrain.stage as pretrain
 
@@ -136,7 +137,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every variant")
     args = parser.parse_args()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = device_name()
     out = Path(args.out) / "throughput.json"
     rows = []
     for variant in args.variants:  # the file is rewritten after each variant, so a cut-off run keeps its rows
@@ -146,8 +147,7 @@ def main() -> None:
             )
         except Exception as err:  # a failing lever (out of memory, a compile error) must not lose the others
             rows.append({"variant": variant, "error": f"{type(err).__name__}: {err}"[-1500:]})
-        record = {"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}
-        out.write_text(json.dumps(record, indent=2))
+        write_record(out, args, rows)
     cols = [
         "variant",
         "params_M",
@@ -165,14 +165,7 @@ def main() -> None:
         "graph_breaks",
     ]
     print(f"device: {device}, batch {args.batch} x {args.seq}, {args.steps} steps, K={args.every_k}")
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['variant']} | failed: {row['error'][-300:]!r} |")
-            continue
-        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols]
-        print("| " + " | ".join(cells) + " |")
+    print_table(rows, cols)
     if args.profile:
         print_profiles([row for row in rows if "error" not in row])
 

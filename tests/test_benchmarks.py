@@ -1,4 +1,4 @@
-"""The benchmark scripts run on CPU as a user would run them (their GPU numbers live in benchmarks/RESULTS.md)."""
+"""The benchmark scripts run on CPU as a user would run them (their GPU numbers live in benchmarks/README.md)."""
 
 from __future__ import annotations
 

@@ -72,6 +72,24 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: list[torch.
                 state[key] = type(value)(0)
 
 
+def check_options(
+    every_n_steps: int, init: str, std: float | None, head: str, episode_warmup_fraction: float, episode_decay: str
+) -> None:
+    """One clear error, naming the ``forgetting.*`` key, for an option ``ActiveForgetting`` cannot use."""
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
+        raise AfptError(f"forgetting.every_n_steps must be a positive integer, got {every_n_steps!r}")
+    if init not in INITS:
+        raise AfptError(f"forgetting.init must be one of {INITS}, got {init!r}")
+    if head not in HEAD_POLICIES:
+        raise AfptError(f"forgetting.head must be one of {HEAD_POLICIES}, got {head!r}")
+    if episode_decay not in DECAYS:
+        raise AfptError(f"forgetting.episode_decay must be one of {DECAYS}, got {episode_decay!r}")
+    if std is not None and std <= 0:
+        raise AfptError(f"forgetting.std must be positive, got {std!r}")
+    if not 0.0 <= episode_warmup_fraction < 1.0:
+        raise AfptError(f"forgetting.episode_warmup_fraction must be in [0, 1), got {episode_warmup_fraction!r}")
+
+
 class ActiveForgetting(Callback):
     """Re-initialise the input token embeddings, and their optimizer state, every K optimizer steps.
 
@@ -119,18 +137,7 @@ class ActiveForgetting(Callback):
         check_sync: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
-            raise AfptError(f"forgetting.every_n_steps must be a positive integer, got {every_n_steps!r}")
-        if init not in INITS:
-            raise AfptError(f"forgetting.init must be one of {INITS}, got {init!r}")
-        if head not in HEAD_POLICIES:
-            raise AfptError(f"forgetting.head must be one of {HEAD_POLICIES}, got {head!r}")
-        if episode_decay not in DECAYS:
-            raise AfptError(f"forgetting.episode_decay must be one of {DECAYS}, got {episode_decay!r}")
-        if std is not None and std <= 0:
-            raise AfptError(f"forgetting.std must be positive, got {std!r}")
-        if not 0.0 <= episode_warmup_fraction < 1.0:
-            raise AfptError(f"forgetting.episode_warmup_fraction must be in [0, 1), got {episode_warmup_fraction!r}")
+        check_options(every_n_steps, init, std, head, episode_warmup_fraction, episode_decay)
         self.every_n_steps = every_n_steps
         self.init = init
         self.std = std
@@ -261,21 +268,8 @@ class ActiveForgetting(Callback):
         timer = ResetTimer(pl_module.device)
         self.reset(trainer, pl_module, reset_index)
         duration_ms, host_ms = timer.stop()
-        verify_ms = None
-        if self._pending_check is not None:
-            start = time.perf_counter()
-            verify_reset(trainer, pl_module, self.reset_parameters(pl_module), self._pending_check)
-            self._pending_check = None
-            verify_ms = 1000 * (time.perf_counter() - start)
-        entry = {
-            "step": step,
-            "reset_index": reset_index,
-            "loss_before": None,
-            "loss_after": None,
-            "duration_ms": duration_ms,
-            "host_ms": host_ms,
-            "verify_ms": verify_ms,
-        }
+        entry = {"step": step, "reset_index": reset_index, "loss_before": None, "loss_after": None}
+        entry.update(duration_ms=duration_ms, host_ms=host_ms, verify_ms=self._verify_pending(trainer, pl_module))
         self.history.append(entry)
         self._unsettled.append(entry)
         if self._last_loss is not None:
@@ -283,6 +277,15 @@ class ActiveForgetting(Callback):
             pl_module.log("forgetting/loss_before_reset", self._last_loss, on_step=True, on_epoch=False)
         self._awaiting_loss_after = True
         pl_module.log("forgetting/resets", torch.tensor(float(len(self.history))), on_step=True, on_epoch=False)
+
+    def _verify_pending(self, trainer: Trainer, pl_module: LightningModule) -> float | None:
+        """Run the ``check_sync`` verification of the reset just made; its milliseconds, or None if none ran."""
+        if self._pending_check is None:
+            return None
+        start = time.perf_counter()
+        verify_reset(trainer, pl_module, self.reset_parameters(pl_module), self._pending_check)
+        self._pending_check = None
+        return 1000 * (time.perf_counter() - start)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

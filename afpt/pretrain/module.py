@@ -201,28 +201,7 @@ class CausalLMModule(pl.LightningModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: embeddings, untied head, decayed matrices, and undecayed vectors."""
         hp = self.hparams
-        embedding = self.model.get_input_embeddings().weight
-        head_module = untied_head(self.model)
-        head = None if head_module is None else head_module.weight
-        groups: dict[str, list[nn.Parameter]] = {"embeddings": [], "head": [], "decay": [], "no_decay": []}
-        for param in self.model.parameters():
-            if not param.requires_grad:
-                continue
-            if param is embedding:
-                groups["embeddings"].append(param)
-            elif param is head:
-                groups["head"].append(param)
-            elif param.dim() >= 2:
-                groups["decay"].append(param)
-            else:
-                groups["no_decay"].append(param)
-        settings = {
-            "embeddings": {"lr": hp.embedding_lr or hp.lr, "weight_decay": hp.embedding_weight_decay},
-            "head": {"lr": hp.lr, "weight_decay": hp.weight_decay},
-            "decay": {"lr": hp.lr, "weight_decay": hp.weight_decay},
-            "no_decay": {"lr": hp.lr, "weight_decay": 0.0},
-        }
-        return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]
+        return adamw_param_groups(self.model, hp.lr, hp.embedding_lr, hp.weight_decay, hp.embedding_weight_decay)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (fused on CUDA by default) with warmup and decay, stepped every optimizer step."""
@@ -241,3 +220,32 @@ class CausalLMModule(pl.LightningModule):
             optimizer, lambda step: lr_factor(step, total, warmup, hp.min_lr_ratio, hp.decay)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw_param_groups(
+    model: PreTrainedModel, lr: float, embedding_lr: float | None, weight_decay: float, embedding_weight_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: ``embeddings`` (the input embedding and a tied head, so
+    forgetting can address them), ``head`` (an untied head), ``decay`` (other matrices), ``no_decay``."""
+    embedding = model.get_input_embeddings().weight
+    head_module = untied_head(model)
+    head = None if head_module is None else head_module.weight
+    groups: dict[str, list[nn.Parameter]] = {"embeddings": [], "head": [], "decay": [], "no_decay": []}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if param is embedding:
+            groups["embeddings"].append(param)
+        elif param is head:
+            groups["head"].append(param)
+        elif param.dim() >= 2:
+            groups["decay"].append(param)
+        else:
+            groups["no_decay"].append(param)
+    settings = {
+        "embeddings": {"lr": embedding_lr or lr, "weight_decay": embedding_weight_decay},
+        "head": {"lr": lr, "weight_decay": weight_decay},
+        "decay": {"lr": lr, "weight_decay": weight_decay},
+        "no_decay": {"lr": lr, "weight_decay": 0.0},
+    }
+    return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]

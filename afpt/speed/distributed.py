@@ -79,11 +79,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     ``CausalLMModule.configure_model`` applies ``fully_shard`` (see ``fully_shard_model``) with:
 
     - ``reshard_after_forward=False`` (default): keep each layer's gathered parameters from the forward
-      to the backward pass (ZeRO-2-like: one all-gather per layer and step instead of two, more memory;
-      measured faster on 2 H200s); ``True`` frees them after the forward (ZeRO-3);
+      to the backward pass (ZeRO-2-like: one all-gather per layer and step instead of two, more memory);
+      ``True`` frees them after the forward (ZeRO-3);
     - ``reduce_dtype``: ``float32`` or ``bfloat16`` gradient reduce-scatter (bf16 halves the traffic);
-    - ``prefetch``: all-gather this many layers ahead explicitly (0: FSDP2's implicit prefetching). The
-      default 1 measured faster on 2 H200s (benchmarks/RESULTS.md).
+    - ``prefetch``: all-gather this many layers ahead explicitly (0: FSDP2's implicit prefetching).
+
+    benchmarks/README.md compares the settings.
     """
 
     def __init__(

@@ -1,0 +1,34 @@
+"""What every benchmark does with its rows: record them as JSON, and print them as a Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def device_name() -> str:
+    """The CUDA device's name, or ``cpu``."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def write_record(path: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """Record the rows measured so far, with the device, date and arguments (rewritten after every row, so a
+    cut-off run keeps what it measured)."""
+    record = {"device": device_name(), "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}
+    path.write_text(json.dumps(record, indent=2))
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    """One Markdown row per measured row (its first column names it); a failed row shows its error."""
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        if "error" in row:
+            print(f"| {row[cols[0]]} | failed: {row['error'][-300:]!r} |")
+            continue
+        cells = [f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols]
+        print("| " + " | ".join(cells) + " |")
