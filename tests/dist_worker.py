@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from helpers import loader, tiny_llama
+from helpers import loader, quiet_trainer, tiny_llama
 from torch.distributed.fsdp import FSDPModule
 
 from afpt import ActiveForgetting, CausalLMModule
@@ -66,16 +66,12 @@ def main(out: Path, strategy: str, mismatch: bool, compile: bool) -> None:
     if compile:  # 4 layers against a limit of 2: each must still run compiled (afpt raises the limit)
         torch._dynamo.config.recompile_limit = 2
     forgetting = (SeedPerRank if mismatch else ActiveForgetting)(every_n_steps=2, check_sync=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy=STRATEGIES[strategy](),
         max_steps=5,
         limit_val_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        num_sanity_val_steps=2,  # Lightning's default: the compiled run builds its eval graphs here
         callbacks=[forgetting, SaveEmbeddingAfterReset(out, forgetting)],
     )
     # Ranks stay equal only if every rank drew the same values and wrote its own shard of them.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -104,19 +106,40 @@ def loader(vocab: int = 96, batch_size: int = 4) -> DataLoader:
     return DataLoader(RandomTokens(vocab), batch_size=batch_size, shuffle=False)
 
 
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A real Trainer (one CPU device unless ``kwargs`` say otherwise) with no logger, checkpoints, progress bar,
+    model summary or sanity validation."""
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
 def fit(module: pl.LightningModule, callbacks: list, max_steps: int, **trainer_kwargs) -> pl.Trainer:
-    """A real CPU Trainer run with no logging or checkpoints."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **trainer_kwargs,
-    )
+    """A real CPU Trainer run over random tokens with no logging or checkpoints."""
+    trainer = quiet_trainer(max_steps=max_steps, callbacks=callbacks, **trainer_kwargs)
     trainer.fit(module, train_dataloaders=loader())
     return trainer
+
+
+def run_afpt(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m afpt <args>`` as a user runs it, with its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "afpt", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+# A ChatML conversation with every role, shared by the instruct tests.
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Where does Niran live?"},
+    {"role": "assistant", "content": "Niran lives in Zikopo."},
+    {"role": "user", "content": "And what does Niran eat?"},
+    {"role": "assistant", "content": "Niran eats plums."},
+]

@@ -8,16 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY
+from helpers import TINY, run_afpt
 
 from afpt.lightning_cli import cli
 from afpt.pretrain.forgetting import ActiveForgetting
 
 
 def test_unknown_experiment_lists_the_existing_ones(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "afpt", "experiment=nope", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True
-    )
+    proc = run_afpt("experiment=nope", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     assert "experiment/nope" in proc.stderr and "afa_paper" in proc.stderr and "world_study" in proc.stderr
 

@@ -11,18 +11,6 @@ from afpt.data import load_tokenizer
 from afpt.evaluate.metrics import random_pair_baseline, sample_occurrences, self_similarity, text_nll
 from afpt.models import load_model
 
-FAST = [
-    "stage=evaluate",
-    "evaluate.isotropy.words=8",
-    "evaluate.isotropy.contexts=4",
-    "evaluate.isotropy.baseline_pairs=200",
-    "evaluate.world_tasks.mc_items=20",
-    "evaluate.world_tasks.translation_items=5",
-    "evaluate.world_tasks.translation_shots=1",
-    "evaluate.world_tasks.max_gen_toks=8",
-    "evaluate.bootstrap_iters=0",
-]
-
 
 def test_perplexity_matches_a_hand_computation(base_model):
     model, tokenizer = load_model(base_model), load_tokenizer(base_model)

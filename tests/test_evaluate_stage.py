@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, compose_config
+from helpers import TINY, compose_config, run_afpt
 
 import afpt.evaluate.stage as evaluate
 from afpt.data import load_tokenizer
@@ -113,26 +113,17 @@ def test_two_models_side_by_side_with_an_offline_standard_task(base_model, tmp_p
 
 
 def test_cli_compares_models(base_model, tmp_path):
-    import subprocess
-    import sys
 
     run = tmp_path / "cli"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "afpt",
-            *TINY,
-            *FAST,
-            f"init_from=[{base_model},{base_model}]",
-            "evaluate.labels=[a,b]",
-            "evaluate.tasks=[]",
-            "evaluate.heldout.languages=[xa]",
-            "evaluate.heldout.docs=8",
-            f"hydra.run.dir={run}",
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_afpt(
+        *TINY,
+        *FAST,
+        f"init_from=[{base_model},{base_model}]",
+        "evaluate.labels=[a,b]",
+        "evaluate.tasks=[]",
+        "evaluate.heldout.languages=[xa]",
+        "evaluate.heldout.docs=8",
+        f"hydra.run.dir={run}",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| xa | ppl_char |" in (run / "results.md").read_text()

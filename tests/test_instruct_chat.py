@@ -6,19 +6,11 @@ import json
 
 import datasets
 import pytest
-from helpers import tiny_llama
+from helpers import CONVERSATION, tiny_llama
 from transformers import AutoTokenizer
 
 from afpt.data import DataError, train_tokenizer
 from afpt.instruct.chat import CHATML_TEMPLATE, encode_conversation, ensure_chatml, load_conversations
-
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Where does Niran live?"},
-    {"role": "assistant", "content": "Niran lives in Zikopo."},
-    {"role": "user", "content": "And what does Niran eat?"},
-    {"role": "assistant", "content": "Niran eats plums."},
-]
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,6 @@ import afpt.pretrain.stage as pretrain
 from afpt.data import DataError
 from afpt.instruct.chat import CHATML_TEMPLATE, load_conversations
 
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Where does Niran live?"},
-    {"role": "assistant", "content": "Niran lives in Zikopo."},
-    {"role": "user", "content": "And what does Niran eat?"},
-    {"role": "assistant", "content": "Niran eats plums."},
-]
-
 
 def test_tuning_on_world_questions_raises_the_gold_answer_likelihood(tmp_path, capsys):
     base = tmp_path / "pretrain"

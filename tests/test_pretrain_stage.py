@@ -5,14 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import afpt.conf
 import pytest
 import torch
-from helpers import compose_config
+from helpers import compose_config, run_afpt
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -158,24 +156,14 @@ def test_empty_data_file_is_refused(tmp_run, tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "afpt", "forgetting.every_n_steps=-1", f"hydra.run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_afpt("forgetting.every_n_steps=-1", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
     assert "afpt: error: forgetting.every_n_steps must be a positive integer, got -1" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_cli_lists_choices_for_an_unknown_model(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "afpt", "model=gpt5", f"hydra.run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_afpt("model=gpt5", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0
     assert "mistral_400m" in result.stderr and "tiny" in result.stderr
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import loader, tiny_llama
+from helpers import loader, quiet_trainer, tiny_llama
 
 from afpt import CausalLMModule
 from afpt.pretrain.forgetting import ActiveForgetting
@@ -20,16 +19,12 @@ def test_a_compiled_training_loop_with_forgetting_never_waits_for_the_gpu(tmp_pa
     """No implicit host sync in the steady loop, resets and the progress bar included."""
     forgetting = ActiveForgetting(every_n_steps=2)
     profile = KernelBreakdown(str(tmp_path), start_step=4, steps=6)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu",
-        devices=1,
         precision="bf16-mixed",
         max_steps=12,
         log_every_n_steps=100,
-        logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=True,
-        enable_model_summary=False,
         callbacks=[forgetting, profile],
     )
     trainer.fit(CausalLMModule(tiny_llama(tied=True)), train_dataloaders=loader())

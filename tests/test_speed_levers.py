@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compose_config, fit, loader, tiny_llama
+from helpers import compose_config, fit, loader, quiet_trainer, tiny_llama
 from lightning.pytorch import Callback
 
 from afpt import CausalLMModule
@@ -130,19 +130,8 @@ class StepLosses(Callback):
 
 @pytest.mark.parametrize("progress_bar", [True, False])
 def test_progress_bar_loss_is_a_host_copy_refreshed_every_log_interval(progress_bar):
-    import lightning.pytorch as pl
-
     losses = StepLosses()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        log_every_n_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=progress_bar,
-        enable_model_summary=False,
-        callbacks=[losses],
-    )
+    trainer = quiet_trainer(max_steps=4, log_every_n_steps=2, enable_progress_bar=progress_bar, callbacks=[losses])
     trainer.fit(CausalLMModule(tiny_llama(tied=True), compile=False), train_dataloaders=loader())
     assert len(set(losses.losses)) == 4
     # The logger and callbacks see every step's device loss; the bar never holds a device tensor.
@@ -172,17 +161,7 @@ def test_auto_levers_keep_a_cpu_run_eager_without_workers():
 
 
 def fit_datamodule(module, datamodule):
-    from lightning.pytorch import Trainer
-
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
     return trainer
 

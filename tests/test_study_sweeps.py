@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from helpers import TINY
+from helpers import TINY, run_afpt
 
 from afpt.study.summary import write_summary
 
 
 def test_multirun_jobs_do_not_collide_and_are_summarised(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "afpt",
-            "-m",
-            *TINY,
-            "trainer.max_steps=4",
-            "forgetting.every_n_steps=2,3",
-            "seed=0,1",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_afpt(
+        "-m", *TINY, "trainer.max_steps=4", "forgetting.every_n_steps=2,3", "seed=0,1", f"hydra.sweep.dir={sweep}"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
