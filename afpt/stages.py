@@ -19,6 +19,7 @@ from afpt.errors import AfptError
 from afpt.speed.distributed import layout
 
 STAGES = {
+    "prepare": "afpt.data.stage",
     "pretrain": "afpt.pretrain.stage",
     "adapt": "afpt.adapt.stage",
     "instruct": "afpt.instruct.stage",

@@ -51,6 +51,7 @@ def compose_config(tmp_path: Path, overrides: list[str] = (), tiny: bool = True)
         cfg = compose(config_name="config", overrides=[*tiny_overrides, *overrides])
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path)
+        cfg.paths.store_dir = str(tmp_path / "store")
     return cfg
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from itertools import count
+from itertools import count, islice
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from afpt.data.sources import Corpus, load_corpus
-from afpt.data.tokenizer import load_tokenizer, tokenizer_for_run
+from afpt.data.sources import Corpus, corpus_parts
+from afpt.data.store import TokenStore
+from afpt.data.tokenizer import tokenizer_for_run, tokenizer_sha256
 from afpt.errors import DataError
 
 # Loader processes for data.num_workers=auto on CUDA.
@@ -93,22 +94,42 @@ class BlockStream(IterableDataset):
                 yield {"input_ids": self.blocks[int(perm[k % n])]["input_ids"]}
 
 
+def mixture_weights(
+    sizes: Mapping[str, int], weights: Mapping[str, float] | None = None, alpha: float | None = None
+) -> dict[str, float]:
+    """Sampling weight per language: ``weights`` (missing languages weigh 1), or with ``alpha`` temperature
+    sampling p_l proportional to n_l ** alpha over the languages' sizes (alpha = 1: natural proportions;
+    0.3 as in XLM-R and mT5); neither: uniform."""
+    langs = list(sizes)
+    unknown = sorted(set(weights or {}) - set(langs))
+    if unknown:
+        raise DataError(f"data.mixture names languages {unknown} that have no training data ({langs})")
+    if alpha is not None:
+        total = sum(n**alpha for n in sizes.values())
+        return {lang: sizes[lang] ** alpha / total for lang in langs}
+    out = {lang: float((weights or {}).get(lang, 1.0)) for lang in langs}
+    if any(w < 0 for w in out.values()) or sum(out.values()) <= 0:
+        raise DataError(f"data.mixture weights must be >= 0 with a positive sum, got {out}")
+    return out
+
+
 class PretrainDataModule(pl.LightningDataModule):
     """Packed, mixed blocks for training and one validation loader per language."""
 
     def __init__(
         self,
-        train_blocks: Mapping[str, datasets.Dataset],
-        val_blocks: Mapping[str, datasets.Dataset],
+        train_blocks: Mapping[str, datasets.Dataset] | None,
+        val_blocks: Mapping[str, datasets.Dataset] | None,
         batch_size: int,
         mixture: Mapping[str, float] | None = None,
         eval_batch_size: int | None = None,
         num_workers: int | str = "auto",
         pin_memory: bool | str = "auto",
         seed: int = 0,
+        mixture_alpha: float | None = None,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise DataError(f"data.batch_size must be a positive integer, got {batch_size!r}")
         if num_workers != "auto" and (
             isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
@@ -116,33 +137,38 @@ class PretrainDataModule(pl.LightningDataModule):
             raise DataError(f"data.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
         if pin_memory != "auto" and not isinstance(pin_memory, bool):
             raise DataError(f"data.pin_memory must be 'auto', true or false, got {pin_memory!r}")
+        if mixture_alpha is not None and mixture:
+            raise DataError("data.mixture and data.mixture_alpha are both set: give weights or a temperature, not both")
+        if mixture_alpha is not None and not (isinstance(mixture_alpha, (int, float)) and 0 < mixture_alpha <= 1):
+            raise DataError(f"data.mixture_alpha must be in (0, 1] (1: natural proportions), got {mixture_alpha!r}")
+        self.mixture, self.mixture_alpha, self.seed = mixture, mixture_alpha, seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self._num_workers = num_workers
+        self._pin_memory = pin_memory
+        if train_blocks is not None:
+            self.use_blocks(train_blocks, val_blocks or {})
+
+    def use_blocks(self, train_blocks: Mapping[str, datasets.Dataset], val_blocks: Mapping[str, datasets.Dataset]):
+        """Mix the training blocks of every language into one stream (weights, or temperature sampling)."""
         langs = list(train_blocks)
-        weights = {lang: float((mixture or {}).get(lang, 1.0)) for lang in langs}
-        unknown = sorted(set(mixture or {}) - set(langs))
-        if unknown:
-            raise DataError(f"data.mixture names languages {unknown} that have no training data ({langs})")
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise DataError(f"data.mixture weights must be >= 0 with a positive sum, got {weights}")
-        total = sum(weights.values())
-        kept = [lang for lang in langs if weights[lang] > 0]
+        self.weights = mixture_weights({lang: len(ds) for lang, ds in train_blocks.items()}, self.mixture, self.mixture_alpha)
+        total = sum(self.weights.values())
+        kept = [lang for lang in langs if self.weights[lang] > 0]
         mixed = (
             datasets.interleave_datasets(
                 [train_blocks[lang] for lang in kept],
-                probabilities=[weights[lang] / total for lang in kept],
-                seed=seed,
+                probabilities=[self.weights[lang] / total for lang in kept],
+                seed=self.seed,
                 stopping_strategy="all_exhausted",
             )
             if len(kept) > 1
             else train_blocks[kept[0]]
         )
-        self.train_stream = BlockStream(mixed.with_format("torch"), batch_size, seed)
+        self.train_stream = BlockStream(mixed.with_format("torch", dtype=torch.long), self.batch_size, self.seed)
         self.val_blocks = {lang: ds for lang, ds in val_blocks.items() if len(ds) > 0}
         self.train_names = langs
         self.val_names = list(self.val_blocks)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self._num_workers = num_workers
-        self._pin_memory = pin_memory
 
     def _on_cuda(self) -> bool:
         trainer = getattr(self, "trainer", None)
@@ -181,12 +207,14 @@ class PretrainDataModule(pl.LightningDataModule):
 
 
 class CorpusDataModule(PretrainDataModule):
-    """A ``PretrainDataModule`` built from a ``data`` config mapping: corpus, tokenizer and packed blocks.
+    """A ``PretrainDataModule`` over the token store, built from a ``data`` config mapping.
 
     The same mapping as Hydra's ``data`` group (``source``, ``world``/``files``/``hub``, ``block_size``,
-    ``batch_size``, ...). The tokenizer comes from ``tokenizer_path`` (e.g. the model being continued),
-    else ``data.tokenizer.path``, else it is trained with ``vocab_size`` tokens and cached in
-    ``run_dir/tokenizer``. ``self.tokenizer`` holds it.
+    ``batch_size``, ``store``, ...). Nothing heavy happens at construction. ``tokenizer`` comes from
+    ``tokenizer_path`` (e.g. the model being continued), else ``data.tokenizer.path``, else it is trained
+    with ``vocab_size`` tokens on a sample of the corpus and cached in ``run_dir/tokenizer``.
+    ``prepare_data`` (local rank 0) fills the token store under ``store_dir``; ``setup`` (every rank)
+    memory-maps it.
     """
 
     def __init__(
@@ -197,30 +225,75 @@ class CorpusDataModule(PretrainDataModule):
         tokenizer_path: str | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
+        store_dir: str | None = None,
     ) -> None:
         data = dict(data)
-        tok_cfg = dict(data.get("tokenizer") or {})
-        corpus = load_corpus(data, data.get("languages"))
-        if tokenizer_path:
-            tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
-        else:
-            tokenizer = tokenizer_for_run(
-                corpus,
-                Path(run_dir) / "tokenizer",
-                vocab_size,
-                tok_cfg.get("path"),
-                tok_cfg.get("sample_docs", 2000),
-                trust_remote_code,
-            )
-        train, val = pack_corpus(corpus, tokenizer, data.get("block_size", 128), data.get("max_val_blocks", 64))
         super().__init__(
-            train,
-            val,
+            None,
+            None,
             batch_size=data.get("batch_size", 16),
             mixture=data.get("mixture"),
             eval_batch_size=data.get("eval_batch_size"),
             num_workers=data.get("num_workers", "auto"),
             pin_memory=data.get("pin_memory", "auto"),
             seed=seed,
+            mixture_alpha=data.get("mixture_alpha"),
         )
-        self.tokenizer = tokenizer
+        self.data = data
+        self.train_parts, self.val_parts = corpus_parts(data, data.get("languages"))
+        self.train_names = [p.lang for p in self.train_parts]
+        self.vocab_size, self.run_dir, self.seed = vocab_size, Path(run_dir), seed
+        self.tokenizer_path = tokenizer_path or dict(data.get("tokenizer") or {}).get("path")
+        self.trust_remote_code = trust_remote_code
+        self.store_dir = Path(store_dir or data.get("store_dir") or Path(run_dir) / "store")
+        self._tokenizer: tuple[PreTrainedTokenizerBase, Path] | None = None
+        self._store: TokenStore | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The run's tokenizer (trained on the first ``data.tokenizer.sample_docs`` documents per language)."""
+        if self._tokenizer is None:
+            sample = int(dict(self.data.get("tokenizer") or {}).get("sample_docs", 2000))
+            texts = lambda: (t for part in self.train_parts for t in islice(part.documents(0), sample))  # noqa: E731
+            self._tokenizer = tokenizer_for_run(
+                texts, self.run_dir / "tokenizer", self.vocab_size, self.tokenizer_path, self.trust_remote_code
+            )
+        return self._tokenizer[0]
+
+    @property
+    def store(self) -> TokenStore:
+        """The token store for this run's tokenizer and block size."""
+        if self._store is None:
+            options = dict(self.data.get("store") or {})
+            tokenizer = self.tokenizer
+            self._store = TokenStore(
+                self.store_dir,
+                tokenizer,
+                tokenizer_sha256(tokenizer, self._tokenizer[1]),
+                self.data.get("block_size", 128),
+                num_proc=options.get("num_proc"),
+                shard_docs=options.get("shard_docs", 2000),
+                require_prepared=bool(options.get("require_prepared", False)),
+            )
+        return self._store
+
+    def prepare_data(self) -> None:
+        """Tokenise every part that is not in the store yet (Lightning calls this on local rank 0 only)."""
+        self.store.prepare(self.train_parts + self.val_parts)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Memory-map the store's blocks (preparing what is missing, under the store's lock) and mix them."""
+        if getattr(self, "train_stream", None) is not None:
+            return
+        self.prepare_data()
+        train = {p.lang: self.store.load(p) for p in self.train_parts}
+        empty = [lang for lang, blocks in train.items() if blocks is None]
+        if empty:
+            raise DataError(f"the training corpus for languages {empty} is empty")
+        max_val = self.data.get("max_val_blocks", 64)
+        val = {}
+        for part in self.val_parts:
+            blocks = self.store.load(part)
+            if blocks is not None:
+                val[part.lang] = blocks.select(range(min(len(blocks), max_val)))
+        self.use_blocks(train, val)

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import datasets
 
+from afpt.data.store import Part
 from afpt.data.world import World, WorldConfig
 from afpt.errors import DataError
 
@@ -231,3 +233,144 @@ def heldout_texts(cfg: Mapping[str, Any], world: Mapping[str, Any]) -> dict[str,
     if empty:
         raise DataError(f"languages {empty} have no held-out text in evaluate.heldout (source={source})")
     return texts
+
+
+def corpus_parts(
+    cfg: Mapping[str, Any], languages: Sequence[str] | None = None, key: str = "data"
+) -> tuple[list[Part], list[Part]]:
+    """(train, validation) parts of the corpus a ``data`` config describes, for the token store.
+
+    Nothing is read here but file sizes: each part streams its documents when the store asks for them,
+    in the same order and split as ``load_corpus``.
+    """
+    source = cfg.get("source")
+    if source not in SOURCES:
+        raise DataError(f"data.source must be one of {sorted(SOURCES)}, got {source!r}")
+    if source == "world":
+        world = world_from_config(cfg["world"])
+        langs = list(languages or world.config.pretrain_languages)
+        unknown = [lang for lang in langs if lang not in world.languages]
+        if unknown:
+            raise DataError(f"data.languages {unknown} are not world languages ({sorted(world.languages)})")
+        identity = {"source": "world", "world": dict(cfg["world"])}
+
+        def world_part(lang: str, split: str) -> Part:
+            return Part(
+                lang,
+                split,
+                {**identity, "lang": lang},
+                lambda start: islice(world.iter_documents(lang, split), start, None),
+            )
+
+        return [world_part(lang, "train") for lang in langs], [world_part(lang, "validation") for lang in langs]
+    if source == "files":
+        return _file_parts(cfg, languages, key)
+    return _hub_parts(cfg, languages)
+
+
+def _file_identity(paths: Sequence[str], key: str) -> list[tuple[str, int, int]]:
+    """(absolute path, size, modification time) of each file: a change to any file is a new corpus."""
+    out = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"{key}: file {path!r} does not exist")
+        stat = Path(path).stat()
+        if stat.st_size == 0:
+            raise DataError(f"{key}: file {path!r} is empty")
+        out.append((str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
+    return out
+
+
+def _stream_texts(ds: datasets.Dataset, start: int) -> Iterator[str]:
+    for batch in ds.select(range(start, len(ds))).iter(batch_size=1000):
+        yield from batch["text"]
+
+
+def _file_parts(cfg: Mapping[str, Any], languages: Sequence[str] | None, key: str) -> tuple[list[Part], list[Part]]:
+    train_map = as_file_map(cfg.get("files"), f"{key}.files")
+    val_map = as_file_map(cfg["validation_files"], f"{key}.validation_files") if cfg.get("validation_files") else {}
+    langs = list(languages or train_map)
+    missing = [lang for lang in langs if lang not in train_map]
+    if missing:
+        raise DataError(f"{key}.files has no files for languages {missing}; it has {sorted(train_map)}")
+    text_field, fraction, seed = cfg.get("text_field", "text"), cfg.get("validation_fraction", 0.05), cfg.get("seed", 0)
+    train, validation = [], []
+    for lang in langs:
+        files = _file_identity(train_map[lang], f"{key}.files[{lang}]")
+        identity = {"source": "files", "files": files, "text_field": text_field, "lang": lang}
+        if lang in val_map:
+            val_files = _file_identity(val_map[lang], f"{key}.validation_files[{lang}]")
+            train.append(
+                Part(lang, "train", identity, _file_documents(train_map[lang], f"{key}.files[{lang}]", text_field))
+            )
+            validation.append(
+                Part(
+                    lang,
+                    "validation",
+                    {**identity, "files": val_files},
+                    _file_documents(val_map[lang], f"{key}.validation_files[{lang}]", text_field),
+                )
+            )
+            continue
+        identity = {**identity, "validation_fraction": fraction, "seed": seed}
+        for split in SPLITS:
+            docs = _file_documents(train_map[lang], f"{key}.files[{lang}]", text_field, split, fraction, seed)
+            (train if split == "train" else validation).append(Part(lang, split, identity, docs))
+    return train, validation
+
+
+def _file_documents(
+    paths: list[str], key: str, text_field: str, split: str | None = None, fraction: float = 0.0, seed: int = 0
+) -> Callable[[int], Iterator[str]]:
+    """``documents(start)`` of local files (memory-mapped by ``datasets``), optionally one side of a seeded split."""
+
+    def documents(start: int) -> Iterator[str]:
+        ds = load_text_files(paths, key, text_field)
+        if split is not None:
+            if fraction <= 0 or len(ds) < 2:
+                ds = ds if split == "train" else ds.select([])
+            else:
+                halves = ds.train_test_split(test_size=max(1, int(len(ds) * fraction)), seed=seed)
+                ds = halves["train" if split == "train" else "test"]
+        return _stream_texts(ds, start)
+
+    return documents
+
+
+def _hub_parts(cfg: Mapping[str, Any], languages: Sequence[str] | None) -> tuple[list[Part], list[Part]]:
+    hub = cfg["hub"]
+    langs = list(languages or cfg.get("languages") or [])
+    if not langs:
+        raise DataError("data.languages is empty: name the hub languages to load")
+    n_val, max_docs, max_tokens = hub.get("val_docs", 0), hub.get("max_docs"), hub.get("max_tokens")
+    train, validation = [], []
+    for lang in langs:
+        name = hub["name_template"].format(lang=lang) if hub.get("name_template") else None
+        identity = {
+            "source": "hub",
+            "path": hub["path"],
+            "name": name,
+            "split": hub.get("split", "train"),
+            "text_field": hub.get("text_field", "text"),
+            "val_docs": n_val,
+            "lang": lang,
+        }
+
+        def documents(start: int, first: int = 0, stop: int | None = None, name=name) -> Iterator[str]:
+            check_hub_reachable(f"hub dataset {hub['path']!r}")
+            stream = datasets.load_dataset(hub["path"], name, split=hub.get("split", "train"), streaming=True)
+            field = hub.get("text_field", "text")
+            return islice((row[field] for row in stream), first + start, stop)
+
+        validation.append(Part(lang, "validation", identity, lambda start, d=documents: d(start, 0, n_val)))
+        stop = None if max_docs is None else n_val + max_docs
+        train.append(
+            Part(
+                lang,
+                "train",
+                {**identity, "max_docs": max_docs},
+                lambda start, d=documents, stop=stop: d(start, n_val, stop),
+                max_tokens=max_tokens,
+            )
+        )
+    return train, validation

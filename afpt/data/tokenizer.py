@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from filelock import FileLock
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from afpt.data.sources import Corpus
+from afpt.data.store import file_hash
 from afpt.errors import DataError
 from afpt.io import atomic_save
 
@@ -59,26 +61,30 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> 
 
 
 def tokenizer_for_run(
-    corpus: Corpus,
+    texts: Callable[[], Iterable[str]],
     cache_dir: Path,
     vocab_size: int,
-    path: str | None,
-    sample_docs: int,
+    path: str | None = None,
     trust_remote_code: bool = False,
-) -> PreTrainedTokenizerBase:
-    """The run's tokenizer: a given directory, else the one cached in the run, else a new one.
+) -> tuple[PreTrainedTokenizerBase, Path]:
+    """The run's tokenizer and the directory it loads from: a given one, else the one cached in the run,
+    else one trained on ``texts()`` and cached there.
 
-    Caching it in the run directory keeps a resumed run, and every DDP rank, on the same tokenizer.
+    Every process loads it from the directory, so a resumed run, every DDP rank and the token store see
+    the same file; a lock keeps a second process waiting while the first trains it.
     """
     if path:
-        return load_tokenizer(path, trust_remote_code)
-    if (cache_dir / "tokenizer.json").is_file():
-        return load_tokenizer(cache_dir)
+        return load_tokenizer(path, trust_remote_code), Path(path)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir) + ".lock"):
+        if not (cache_dir / "tokenizer.json").is_file():
+            atomic_save(train_tokenizer(texts(), vocab_size).save_pretrained, cache_dir)
+    return load_tokenizer(cache_dir), cache_dir
 
-    def texts() -> Iterator[str]:
-        for ds in corpus.train.values():
-            yield from ds.select(range(min(sample_docs, len(ds))))["text"]
 
-    tokenizer = train_tokenizer(texts(), vocab_size)
-    atomic_save(tokenizer.save_pretrained, cache_dir)
-    return tokenizer
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase, directory: Path) -> str:
+    """SHA-256 of the tokenizer's own file (``tokenizer.json``), or of its serialised backend when it has none."""
+    file = Path(directory) / "tokenizer.json"
+    if file.is_file():
+        return file_hash(file)
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()

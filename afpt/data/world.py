@@ -11,7 +11,9 @@ stage of afpt can run offline.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 # One 26-letter alphabet per script; a latin word is written in a script letter by letter.
 _LATIN = "abcdefghijklmnopqrstuvwxyz"
@@ -286,24 +288,27 @@ class World:
         orders, so validation perplexity measures fluency in the language, not new knowledge.
         Documents of the same index are parallel across languages.
         """
+        return list(self.iter_documents(lang, split, count))
+
+    def iter_documents(self, lang: str, split: str = "train", count: int | None = None) -> Iterator[str]:
+        """The documents of ``documents``, generated one at a time (memory does not grow with ``count``)."""
         if lang not in self.languages:
             raise ValueError(f"unknown world language {lang!r}; the world has {sorted(self.languages)}")
         if count is None:
             count = self.config.train_docs_per_language if split == "train" else self.config.val_docs_per_language
-        return [" ".join(self.sentence(f, lang) for f in doc) for doc in self._document_facts(split, count)]
+        for doc in islice(self._document_facts(split), count):
+            yield " ".join(self.sentence(f, lang) for f in doc)
 
-    def _document_facts(self, split: str, count: int) -> list[list[Fact]]:
+    def _document_facts(self, split: str) -> Iterator[list[Fact]]:
         rng = random.Random(f"{self.config.seed}-docs-{split}")
         subjects = list(self.facts_by_subject)
-        docs = []
-        for _ in range(count):
+        while True:
             facts: list[Fact] = []
             while len(facts) < self.config.facts_per_doc:
                 subject_facts = list(self.facts_by_subject[rng.choice(subjects)])
                 rng.shuffle(subject_facts)
                 facts.extend(subject_facts[: rng.randint(1, len(subject_facts))])
-            docs.append(facts[: self.config.facts_per_doc])
-        return docs
+            yield facts[: self.config.facts_per_doc]
 
     def qa_pairs(self, lang: str = "en") -> list[tuple[str, str, Fact]]:
         """Every fact as (question, answer sentence, fact), for instruction data and tests."""

@@ -37,8 +37,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tokenizer_path=init_from,
         trust_remote_code=model_cfg.trust_remote_code,
         seed=cfg.seed,
+        store_dir=cfg.paths.store_dir,
     )
     tokenizer = datamodule.tokenizer
+    # Before the trainer starts: a data error stops the run here, and ranks launched by the trainer find
+    # the store complete (Lightning's own prepare_data on local rank 0 then has nothing left to do).
+    datamodule.prepare_data()
     if init_from:
         model = load_model(init_from, model_cfg.trust_remote_code, model_cfg.attn_implementation)
     else:

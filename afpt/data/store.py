@@ -1,0 +1,300 @@
+"""The prepared token store: each language's packed blocks, tokenised once, in parallel, onto disk.
+
+A part (one language's train or validation documents of one source) is cut into shards of
+``shard_docs`` documents; worker processes tokenise and pack each shard into ``block_size`` blocks
+(uint16 where the vocabulary fits, else uint32), and the main process writes each as an Arrow file.
+The store of a part is keyed by its content: the tokenizer file's hash, the source's identity and the
+block size. It is written under a temporary name, shard by shard (an interrupted preparation resumes
+at its first missing shard), renamed when complete, and memory-mapped by every rank and every later
+run. A file lock keeps a second writer (another rank, another job) waiting until the first is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import chain, islice
+from multiprocessing import get_all_start_methods, get_context
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets.arrow_writer import ArrowWriter
+from filelock import FileLock
+
+from afpt.errors import DataError
+
+log = logging.getLogger("afpt")
+STORE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Part:
+    """One language's split of a source: its identity (what keys its store) and its documents."""
+
+    lang: str
+    split: str
+    identity: dict[str, Any]
+    documents: Callable[[int], Iterator[str]]
+    """``documents(start)``: the part's documents from index ``start`` on, streamed."""
+    max_tokens: int | None = None
+    """Stop once this many tokens are stored (whole blocks); None: every document."""
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 where every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def pack_ids(docs: list[list[int]], eos: int, block_size: int, dtype: np.dtype) -> np.ndarray:
+    """Documents joined, each followed by EOS, and cut into ``block_size`` blocks (the remainder dropped)."""
+    lengths = [len(d) + 1 for d in docs]
+    ids = np.empty(sum(lengths), dtype=dtype)
+    at = 0
+    for doc, n in zip(docs, lengths):
+        ids[at : at + n - 1] = doc
+        ids[at + n - 1] = eos
+        at += n
+    usable = len(ids) - len(ids) % block_size
+    return ids[:usable].reshape(-1, block_size)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_json: str, eos: int, block_size: int, dtype: str, threads: bool) -> None:
+    """Load the tokenizer once per worker process."""
+    if not threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos=eos, block_size=block_size, dtype=np.dtype(dtype))
+
+
+def _tokenize_shard(texts: list[str]) -> tuple[np.ndarray, int]:
+    """(blocks, tokens before packing) of one shard, in a worker."""
+    encodings = _WORKER["tokenizer"].encode_batch(texts, add_special_tokens=False)
+    docs = [e.ids for e in encodings]
+    return pack_ids(docs, _WORKER["eos"], _WORKER["block_size"], _WORKER["dtype"]), sum(map(len, docs)) + len(docs)
+
+
+class TokenStore:
+    """Packed blocks of every part, prepared once under ``root`` for one tokenizer and block size.
+
+    Args:
+        root: the store's folder (``paths.store_dir``), shared by every run.
+        tokenizer: a fast tokenizer; ``tokenizer_sha256``, the hash of its file, keys the store.
+        block_size: tokens per block.
+        num_proc: worker processes (None: every CPU; 1: tokenise in this process).
+        shard_docs: documents per shard (one tokenisation job, and the unit an interrupted preparation
+            resumes at).
+        require_prepared: refuse to tokenise: every part must already be in the store.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        tokenizer,
+        tokenizer_sha256: str,
+        block_size: int,
+        num_proc: int | None = None,
+        shard_docs: int = 2000,
+        require_prepared: bool = False,
+    ) -> None:
+        if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+            raise DataError(f"data.store.num_proc must be null or an integer >= 1, got {num_proc!r}")
+        if isinstance(shard_docs, bool) or not isinstance(shard_docs, int) or shard_docs < 1:
+            raise DataError(f"data.store.shard_docs must be an integer >= 1, got {shard_docs!r}")
+        self.root = Path(root)
+        self.tokenizer = tokenizer
+        self.tokenizer_hash = tokenizer_sha256
+        self.block_size = block_size
+        self.num_proc = num_proc or os.cpu_count() or 1
+        self.shard_docs = shard_docs
+        self.require_prepared = require_prepared
+        self.dtype = token_dtype(len(tokenizer))
+
+    def path(self, part: Part) -> Path:
+        """Where the part's store lives: ``<root>/<lang>-<split>-<key>``."""
+        key = {
+            "version": STORE_VERSION,
+            "tokenizer_sha256": self.tokenizer_hash,
+            "block_size": self.block_size,
+            "shard_docs": self.shard_docs,
+            "max_tokens": part.max_tokens,
+            "source": part.identity,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return self.root / f"{part.lang}-{part.split}-{digest}"
+
+    def prepare(self, parts: list[Part]) -> list[dict[str, Any]]:
+        """Make sure every part is in the store (tokenising the missing ones in parallel); their metadata."""
+        missing = [p for p in parts if not (self.path(p) / "meta.json").is_file()]
+        if missing and self.require_prepared:
+            names = ", ".join(f"{p.lang}/{p.split}" for p in missing)
+            raise DataError(
+                f"data.store.require_prepared=true, but {names} are not in the store {self.root} for this tokenizer "
+                f"(sha256 {self.tokenizer_hash[:12]}) and block size {self.block_size}; run "
+                f"`afpt stage=prepare` with the same data and tokenizer, or set data.store.require_prepared=false"
+                + self._others(missing[0])
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            raise DataError(f"paths.store_dir={str(self.root)!r} is not writable: {err}") from err
+        for part in missing:
+            with FileLock(str(self.path(part)) + ".lock"):
+                if not (self.path(part) / "meta.json").is_file():  # another process may have finished it
+                    self._build(part)
+        return [json.loads((self.path(p) / "meta.json").read_text()) for p in parts]
+
+    def _others(self, part: Part) -> str:
+        """A hint naming stores of the same part built with other settings (another tokenizer, say)."""
+        others = []
+        for meta_file in sorted(self.root.glob(f"{part.lang}-{part.split}-*/meta.json")):
+            meta = json.loads(meta_file.read_text())
+            if meta.get("source") == part.identity:
+                others.append(
+                    f"{meta_file.parent.name} (tokenizer {meta['tokenizer_sha256'][:12]}, block {meta['block_size']})"
+                )
+        return f"; the store holds this part built otherwise: {', '.join(others)}" if others else ""
+
+    def load(self, part: Part) -> datasets.Dataset | None:
+        """The part's blocks, memory-mapped, as int64 torch tensors (``input_ids``); None for a part without
+        documents (an empty validation split)."""
+        path = self.path(part)
+        meta = json.loads((path / "meta.json").read_text())
+        if not meta["shards"]:
+            return None
+        shards = [datasets.Dataset.from_file(str(path / name)) for name in meta["shards"]]
+        blocks = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
+        return blocks.with_format("torch", dtype=torch.long)
+
+    def _build(self, part: Part) -> None:
+        """Tokenise one part into ``<path>.partial/`` shard by shard, then rename it complete."""
+        final = self.path(part)
+        partial = final.with_name(final.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        done = sorted(partial.glob("shard-*.arrow"))
+        for stale in partial.glob(".*"):  # a shard cut off mid-write
+            stale.unlink()
+        start_shard = len(done)
+        stats = {"docs": start_shard * self.shard_docs, "tokens": 0, "blocks": 0, "bytes_in": 0}
+        for shard in done:
+            stats["blocks"] += len(datasets.Dataset.from_file(str(shard)))
+        budget = None if part.max_tokens is None else -(-part.max_tokens // self.block_size)
+        started = time.perf_counter()
+        log.info("store: preparing %s/%s into %s (%d shards done before)", part.lang, part.split, final, start_shard)
+        texts = part.documents(start_shard * self.shard_docs)
+        shards = iter(lambda: list(islice(texts, self.shard_docs)), [])
+        index = start_shard
+        for texts_in, (blocks, tokens) in self._tokenized(shards):
+            if budget is not None:
+                blocks = blocks[: max(0, budget - stats["blocks"])]
+            self._write_shard(partial / f"shard-{index:06d}.arrow", blocks)
+            index += 1
+            stats["docs"] += len(texts_in)
+            stats["tokens"] += tokens
+            stats["blocks"] += len(blocks)
+            stats["bytes_in"] += sum(len(t.encode("utf-8", "ignore")) for t in texts_in)
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            log.info(
+                "store: %s/%s shard %d: %d docs, %d tokens in %d blocks, %.1f MB/s of text",
+                part.lang, part.split, index - 1, stats["docs"], stats["blocks"] * self.block_size,
+                stats["blocks"], stats["bytes_in"] / elapsed / 1e6,
+            )  # fmt: skip
+            if budget is not None and stats["blocks"] >= budget:
+                break
+        names = sorted(p.name for p in partial.glob("shard-*.arrow"))
+        if stats["docs"] and not stats["blocks"]:
+            shutil.rmtree(partial)
+            raise DataError(
+                f"corpus {part.split}[{part.lang}] is too small for one block of data.block_size={self.block_size} "
+                f"tokens ({stats['tokens']} tokens in {stats['docs']} documents)"
+            )
+        meta = {
+            "version": STORE_VERSION,
+            "lang": part.lang,
+            "split": part.split,
+            "source": part.identity,
+            "tokenizer_sha256": self.tokenizer_hash,
+            "block_size": self.block_size,
+            "dtype": self.dtype.name,
+            "blocks": stats["blocks"],
+            "tokens": stats["blocks"] * self.block_size,
+            "docs": stats["docs"],
+            "shards": names,
+            "bytes": sum((partial / n).stat().st_size for n in names),
+            "prepare_s": round(time.perf_counter() - started, 3),
+        }
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        log.info("store: %s/%s ready: %d blocks, %.1f MB at %s", part.lang, part.split, meta["blocks"],
+                 meta["bytes"] / 1e6, final)  # fmt: skip
+
+    def _tokenized(self, shards: Iterator[list[str]]) -> Iterator[tuple[list[str], tuple[np.ndarray, int]]]:
+        """(texts, (blocks, tokens)) of each non-empty shard, in order.
+
+        A part of one shard, or ``num_proc=1``, is tokenised in this process; otherwise by ``num_proc``
+        forked workers, with at most 2 x num_proc shards in flight (memory stays bounded).
+        """
+        first, second = next(shards, None), next(shards, None)
+        worker_args = (self.tokenizer.backend_tokenizer.to_str(), self.tokenizer.eos_token_id, self.block_size)
+        if first is None:
+            return
+        if second is None or self.num_proc == 1:
+            _init_worker(*worker_args, self.dtype.name, threads=False)
+            for texts in chain([first], [] if second is None else chain([second], shards)):
+                yield texts, _tokenize_shard(texts)
+            return
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(
+            self.num_proc, get_context(method), _init_worker, (*worker_args, self.dtype.name, False)
+        ) as pool:
+            pending: deque = deque()
+            for texts in chain([first, second], shards):
+                pending.append((texts, pool.submit(_tokenize_shard, texts)))
+                if len(pending) >= 2 * self.num_proc:
+                    texts_done, future = pending.popleft()
+                    yield texts_done, future.result()
+            while pending:
+                texts_done, future = pending.popleft()
+                yield texts_done, future.result()
+
+    def _write_shard(self, path: Path, blocks: np.ndarray) -> None:
+        """One shard as an Arrow file, written under a temporary name and renamed."""
+        features = datasets.Features(
+            {"input_ids": datasets.Sequence(datasets.Value(self.dtype.name), length=self.block_size)}
+        )
+        flat = pa.array(np.ascontiguousarray(blocks).reshape(-1))
+        table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(flat, self.block_size)})
+        tmp = path.with_name(f".{path.name}.tmp")
+        writer = ArrowWriter(features=features, path=str(tmp))
+        writer.write_table(table)
+        writer.finalize()
+        os.replace(tmp, path)
