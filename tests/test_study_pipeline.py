@@ -95,6 +95,7 @@ def test_every_experiment_config_runs(tmp_path, name):
         assert cfg.forgetting.every_n_steps == 10000 and cfg.trainer.max_steps == 150000
         assert cfg.adapt.vocab_size == 48000 and cfg.data.source == "hub" and cfg.evaluate.heldout.source == "hub"
         assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.0 and cfg.optim.warmup_fraction == 0.1
+        assert len(cfg.data.languages) == 12 and cfg.data.mixture_alpha == 1.0 and cfg.data.hub.max_tokens is None
         overrides = [
             f"experiment={name}",
             "stage=pretrain",

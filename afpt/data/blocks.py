@@ -152,7 +152,9 @@ class PretrainDataModule(pl.LightningDataModule):
     def use_blocks(self, train_blocks: Mapping[str, datasets.Dataset], val_blocks: Mapping[str, datasets.Dataset]):
         """Mix the training blocks of every language into one stream (weights, or temperature sampling)."""
         langs = list(train_blocks)
-        self.weights = mixture_weights({lang: len(ds) for lang, ds in train_blocks.items()}, self.mixture, self.mixture_alpha)
+        self.weights = mixture_weights(
+            {lang: len(ds) for lang, ds in train_blocks.items()}, self.mixture, self.mixture_alpha
+        )
         total = sum(self.weights.values())
         kept = [lang for lang in langs if self.weights[lang] > 0]
         mixed = (

@@ -91,11 +91,12 @@ def _init_worker(tokenizer_json: str, eos: int, block_size: int, dtype: str, thr
     _WORKER.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos=eos, block_size=block_size, dtype=np.dtype(dtype))
 
 
-def _tokenize_shard(texts: list[str]) -> tuple[np.ndarray, int]:
-    """(blocks, tokens before packing) of one shard, in a worker."""
+def _tokenize_shard(texts: list[str]) -> tuple[int, np.ndarray, int, int]:
+    """(documents, blocks, tokens before packing, UTF-8 bytes of text) of one shard, in a worker."""
     encodings = _WORKER["tokenizer"].encode_batch(texts, add_special_tokens=False)
     docs = [e.ids for e in encodings]
-    return pack_ids(docs, _WORKER["eos"], _WORKER["block_size"], _WORKER["dtype"]), sum(map(len, docs)) + len(docs)
+    blocks = pack_ids(docs, _WORKER["eos"], _WORKER["block_size"], _WORKER["dtype"])
+    return len(texts), blocks, sum(map(len, docs)) + len(docs), sum(len(t.encode("utf-8", "ignore")) for t in texts)
 
 
 class TokenStore:
@@ -133,6 +134,7 @@ class TokenStore:
         self.shard_docs = shard_docs
         self.require_prepared = require_prepared
         self.dtype = token_dtype(len(tokenizer))
+        self._pool: ProcessPoolExecutor | None = None
 
     def path(self, part: Part) -> Path:
         """Where the part's store lives: ``<root>/<lang>-<split>-<key>``."""
@@ -165,10 +167,15 @@ class TokenStore:
             probe.unlink()
         except OSError as err:
             raise DataError(f"paths.store_dir={str(self.root)!r} is not writable: {err}") from err
-        for part in missing:
-            with FileLock(str(self.path(part)) + ".lock"):
-                if not (self.path(part) / "meta.json").is_file():  # another process may have finished it
-                    self._build(part)
+        try:
+            for part in missing:
+                with FileLock(str(self.path(part)) + ".lock"):
+                    if not (self.path(part) / "meta.json").is_file():  # another process may have finished it
+                        self._build(part)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
         return [json.loads((self.path(p) / "meta.json").read_text()) for p in parts]
 
     def _others(self, part: Part) -> str:
@@ -211,15 +218,15 @@ class TokenStore:
         texts = part.documents(start_shard * self.shard_docs)
         shards = iter(lambda: list(islice(texts, self.shard_docs)), [])
         index = start_shard
-        for texts_in, (blocks, tokens) in self._tokenized(shards):
+        for n_docs, blocks, tokens, n_bytes in self._tokenized(shards):
             if budget is not None:
                 blocks = blocks[: max(0, budget - stats["blocks"])]
             self._write_shard(partial / f"shard-{index:06d}.arrow", blocks)
             index += 1
-            stats["docs"] += len(texts_in)
+            stats["docs"] += n_docs
             stats["tokens"] += tokens
             stats["blocks"] += len(blocks)
-            stats["bytes_in"] += sum(len(t.encode("utf-8", "ignore")) for t in texts_in)
+            stats["bytes_in"] += n_bytes
             elapsed = max(time.perf_counter() - started, 1e-9)
             log.info(
                 "store: %s/%s shard %d: %d docs, %d tokens in %d blocks, %.1f MB/s of text",
@@ -257,11 +264,12 @@ class TokenStore:
         log.info("store: %s/%s ready: %d blocks, %.1f MB at %s", part.lang, part.split, meta["blocks"],
                  meta["bytes"] / 1e6, final)  # fmt: skip
 
-    def _tokenized(self, shards: Iterator[list[str]]) -> Iterator[tuple[list[str], tuple[np.ndarray, int]]]:
-        """(texts, (blocks, tokens)) of each non-empty shard, in order.
+    def _tokenized(self, shards: Iterator[list[str]]) -> Iterator[tuple[int, np.ndarray, int, int]]:
+        """``_tokenize_shard`` of each non-empty shard, in order.
 
         A part of one shard, or ``num_proc=1``, is tokenised in this process; otherwise by ``num_proc``
-        forked workers, with at most 2 x num_proc shards in flight (memory stays bounded).
+        forked workers (one pool for the whole preparation), with at most 2 x num_proc shards in flight,
+        so memory stays bounded.
         """
         first, second = next(shards, None), next(shards, None)
         worker_args = (self.tokenizer.backend_tokenizer.to_str(), self.tokenizer.eos_token_id, self.block_size)
@@ -270,21 +278,20 @@ class TokenStore:
         if second is None or self.num_proc == 1:
             _init_worker(*worker_args, self.dtype.name, threads=False)
             for texts in chain([first], [] if second is None else chain([second], shards)):
-                yield texts, _tokenize_shard(texts)
+                yield _tokenize_shard(texts)
             return
-        method = "fork" if "fork" in get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(
-            self.num_proc, get_context(method), _init_worker, (*worker_args, self.dtype.name, False)
-        ) as pool:
-            pending: deque = deque()
-            for texts in chain([first, second], shards):
-                pending.append((texts, pool.submit(_tokenize_shard, texts)))
-                if len(pending) >= 2 * self.num_proc:
-                    texts_done, future = pending.popleft()
-                    yield texts_done, future.result()
-            while pending:
-                texts_done, future = pending.popleft()
-                yield texts_done, future.result()
+        if self._pool is None:
+            context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+            self._pool = ProcessPoolExecutor(
+                self.num_proc, context, _init_worker, (*worker_args, self.dtype.name, False)
+            )
+        pending: deque = deque()
+        for texts in chain([first, second], shards):
+            pending.append(self._pool.submit(_tokenize_shard, texts))
+            if len(pending) >= 2 * self.num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def _write_shard(self, path: Path, blocks: np.ndarray) -> None:
         """One shard as an Arrow file, written under a temporary name and renamed."""
