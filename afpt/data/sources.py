@@ -55,29 +55,18 @@ SPLITS = ("train", "validation")
 def load_corpus(
     cfg: Mapping[str, Any], languages: Sequence[str] | None = None, splits: Sequence[str] = SPLITS, key: str = "data"
 ) -> Corpus:
-    """The corpus a ``data`` config describes, for ``languages`` (default: the config's own), as ``splits``.
+    """The corpus a ``data`` config describes, for ``languages`` (default: the config's own), in memory.
 
-    The one switch over text sources: ``world`` (the embedded world's train / validation documents),
-    ``files`` (``files``, and ``validation_files`` or a ``validation_fraction`` of them) and ``hub`` (the
-    first ``val_docs`` documents of a streamed dataset for validation, the next ``max_docs`` for training).
-    ``key`` names the config in errors.
+    For the small corpora of adaptation and evaluation: the documents of ``corpus_parts`` (the one switch
+    over text sources), read whole. ``key`` names the config in errors.
     """
-    source = cfg.get("source")
-    if source not in SOURCES:
-        raise DataError(f"data.source must be one of {sorted(SOURCES)}, got {source!r}")
-    if source == "world":
-        world = world_from_config(cfg["world"])
-        langs = list(languages or world.config.pretrain_languages)
-        corpus = Corpus(
-            *(
-                {lang: _texts(world.documents(lang, split)) for lang in langs} if split in splits else {}
-                for split in SPLITS
-            )
+    train_parts, val_parts = corpus_parts(cfg, languages, key)
+    corpus = Corpus(
+        *(
+            {p.lang: _texts(list(p.documents(0))) for p in parts} if split in splits else {}
+            for split, parts in zip(SPLITS, (train_parts, val_parts))
         )
-    elif source == "files":
-        corpus = _load_files(cfg, languages, splits, key)
-    else:
-        corpus = _load_hub(cfg, languages, splits)
+    )
     for lang, ds in corpus.train.items():
         if len(ds) == 0:
             raise DataError(f"the training corpus for language {lang!r} is empty")
@@ -136,32 +125,6 @@ def load_text_files(paths: list[str], key: str, text_field: str) -> datasets.Dat
     return ds
 
 
-def _load_files(cfg: Mapping[str, Any], languages: Sequence[str] | None, splits: Sequence[str], key: str) -> Corpus:
-    train_map = as_file_map(cfg.get("files"), f"{key}.files")
-    val_map = as_file_map(cfg["validation_files"], f"{key}.validation_files") if cfg.get("validation_files") else {}
-    text_field = cfg.get("text_field", "text")
-    langs = list(languages or train_map)
-    missing = [lang for lang in langs if lang not in train_map]
-    if missing:
-        raise DataError(f"{key}.files has no files for languages {missing}; it has {sorted(train_map)}")
-    train, validation = {}, {}
-    for lang in langs:
-        if lang in val_map:
-            if "train" in splits:
-                train[lang] = load_text_files(train_map[lang], f"{key}.files[{lang}]", text_field)
-            if "validation" in splits:
-                validation[lang] = load_text_files(val_map[lang], f"{key}.validation_files[{lang}]", text_field)
-            continue
-        ds = load_text_files(train_map[lang], f"{key}.files[{lang}]", text_field)
-        fraction = cfg.get("validation_fraction", 0.05)
-        if fraction <= 0 or len(ds) < 2:
-            train[lang], validation[lang] = ds, ds.select([])
-        else:
-            split = ds.train_test_split(test_size=max(1, int(len(ds) * fraction)), seed=cfg.get("seed", 0))
-            train[lang], validation[lang] = split["train"], split["test"]
-    return Corpus(train if "train" in splits else {}, validation if "validation" in splits else {})
-
-
 def check_hub_reachable(what: str, timeout: float = 3.0, hint: str | None = None) -> None:
     """Fail at once, naming ``what`` needs the Hub, when the Hugging Face Hub cannot be reached."""
     from huggingface_hub import constants
@@ -183,25 +146,6 @@ def hub_records(path: str, name: str | None, split: str, limit: int | None) -> l
     """The first ``limit`` records (all when None) of a hub dataset, streamed."""
     stream = datasets.load_dataset(path, name, split=split, streaming=True)
     return list(stream if limit is None else stream.take(limit))
-
-
-def _load_hub(cfg: Mapping[str, Any], languages: Sequence[str] | None, splits: Sequence[str]) -> Corpus:
-    hub = cfg["hub"]
-    langs = list(languages or cfg.get("languages") or [])
-    if not langs:
-        raise DataError("data.languages is empty: name the hub languages to load")
-    check_hub_reachable(f"hub dataset {hub['path']!r}")
-    n_val = hub.get("val_docs", 0)
-    n_train = hub.get("max_docs", 0) if "train" in splits else 0
-    train, validation = {}, {}
-    for lang in langs:
-        name = hub["name_template"].format(lang=lang) if hub.get("name_template") else None
-        records = hub_records(hub["path"], name, hub.get("split", "train"), n_val + n_train)
-        texts = [row[hub.get("text_field", "text")] for row in records]
-        if not texts:
-            raise DataError(f"hub dataset {hub['path']!r} ({name}) returned no documents for language {lang!r}")
-        train[lang], validation[lang] = _texts(texts[n_val:]), _texts(texts[:n_val])
-    return Corpus(train if "train" in splits else {}, validation if "validation" in splits else {})
 
 
 def heldout_texts(cfg: Mapping[str, Any], world: Mapping[str, Any]) -> dict[str, list[str]]:
