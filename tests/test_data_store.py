@@ -209,10 +209,7 @@ def test_every_rank_of_a_ddp_run_reuses_one_preparation(tmp_path):
     store = tmp_path / "store"
     result = run_afpt(
         *TINY,
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32-true",
+        "trainer=ddp_cpu",
         "trainer.max_steps=2",
         "logger=none",
         f"paths.store_dir={store}",
