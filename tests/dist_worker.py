@@ -61,11 +61,11 @@ class SeedPerRank(ActiveForgetting):
         self.seed = trainer.global_rank
 
 
-def main(out: Path, strategy: str, mismatch: bool, compile: bool) -> None:
+def main(out: Path, strategy: str, mismatch: bool, compile: bool, fraction: float = 1.0) -> None:
     pl.seed_everything(0)
     if compile:  # 4 layers against a limit of 2: each must still run compiled (afpt raises the limit)
         torch._dynamo.config.recompile_limit = 2
-    forgetting = (SeedPerRank if mismatch else ActiveForgetting)(every_n_steps=2, check_sync=True)
+    forgetting = (SeedPerRank if mismatch else ActiveForgetting)(every_n_steps=2, check_sync=True, fraction=fraction)
     trainer = quiet_trainer(
         devices=2,
         strategy=STRATEGIES[strategy](),
@@ -90,4 +90,10 @@ def main(out: Path, strategy: str, mismatch: bool, compile: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], mismatch="mismatch" in sys.argv[3:], compile="compile" in sys.argv[3:])
+    main(
+        Path(sys.argv[1]),
+        sys.argv[2],
+        mismatch="mismatch" in sys.argv[3:],
+        compile="compile" in sys.argv[3:],
+        fraction=0.25 if "partial" in sys.argv[3:] else 1.0,
+    )

@@ -201,3 +201,52 @@ def test_module_without_embeddings_is_refused():
 
     with pytest.raises(TypeError, match="get_input_embeddings"):
         fit(NoEmbeddings(), [ActiveForgetting(every_n_steps=2)], 2)
+
+
+def test_temporary_forgetting_stops_after_its_step():
+    forgetting = ActiveForgetting(every_n_steps=4, stop_after_steps=6)
+    fit(CausalLMModule(tiny_llama(tied=True), lr=1e-2), [forgetting], max_steps=12)
+    assert [h["step"] for h in forgetting.history] == [4]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_partial_reset_redraws_exactly_the_drawn_rows_and_their_moments(tied):
+    from afpt.pretrain.forgetting import reset_rows
+
+    module = CausalLMModule(tiny_llama(tied=tied), lr=1e-2)
+    forgetting = ActiveForgetting(every_n_steps=4, fraction=0.25, seed=5, head="always")
+    _, before, after = run_with_snapshots(module, forgetting, max_steps=5)
+    b, a = before[4], after[4]  # the first batch after step 4: the reset happened between the two snapshots
+    rows = reset_rows(96, 0.25, 5, 1)
+    assert len(rows) == round(0.25 * 96) == forgetting.history[0]["rows"]
+    kept = torch.ones(96, dtype=torch.bool)
+    kept[rows] = False
+    expected = expected_reset((96, 32), 5, 1, "embedding", 0.02, pad=None)
+    pad_in_rows = 0 in rows.tolist()  # the padding row (id 0) is zeroed only when it is drawn
+    expected[0] = 0 if pad_in_rows else expected[0]
+    assert torch.equal(a["emb"][kept], b["emb"][kept])
+    assert torch.equal(a["emb"][rows], expected[rows])
+    emb = b["emb_name"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(a["state"][emb][key][kept], b["state"][emb][key][kept])
+        assert not a["state"][emb][key][rows].any()
+    assert torch.equal(a["state"][emb]["step"], b["state"][emb]["step"])  # per tensor: left alone
+    if not tied:
+        assert torch.equal(a["head"][kept], b["head"][kept]) and not torch.equal(a["head"][rows], b["head"][rows])
+
+
+def test_the_model_is_saved_at_the_end_of_each_episode(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module = CausalLMModule(tiny_llama(tied=True), lr=1e-2)
+    forgetting = ActiveForgetting(every_n_steps=2, save_before_reset=True)
+    _, before, _ = run_with_snapshots(module, forgetting, max_steps=5, default_root_dir=str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "episodes").iterdir()) == ["step2", "step4"]
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "episodes" / "step4")
+    assert torch.equal(saved.get_input_embeddings().weight, before[4]["emb"])  # the trained rows, not the reset
+
+
+@pytest.mark.parametrize("bad", [{"fraction": 0.0}, {"fraction": 1.5}, {"stop_after_steps": 0}])
+def test_bad_variant_options_are_one_clear_error(bad):
+    with pytest.raises(AfptError, match=f"forgetting.{next(iter(bad))} must be"):
+        ActiveForgetting(every_n_steps=2, **bad)

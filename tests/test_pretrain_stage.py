@@ -51,7 +51,7 @@ def test_every_model_and_forgetting_config_runs(tmp_run, model, forgetting):
     cfg = compose_config(tmp_run, overrides)
     metrics = pretrain.run(cfg)
     assert metrics["model"] == model and metrics["forgetting"] == forgetting
-    assert len(metrics["resets"]) == (1 if forgetting == "every_k" else 0)
+    assert len(metrics["resets"]) == (0 if forgetting == "none" else 1)
     config = json.loads((tmp_run / "model" / "config.json").read_text())
     assert config["model_type"] == cfg.model.family
     assert config["tie_word_embeddings"] == cfg.model.tie_word_embeddings
@@ -89,9 +89,19 @@ def test_init_from_continues_from_a_saved_model(tmp_path):
     )
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    ("variant", "resets"),
+    [
+        (["forgetting=every_k"], [2, 4, 6]),
+        (["forgetting=partial"], [2, 4, 6]),
+        (["forgetting=temporary", "forgetting.stop_after_steps=5"], [2, 4]),
+    ],
+    ids=["every_k", "partial", "temporary"],
+)
+def test_resume_matches_an_uninterrupted_run(tmp_path, variant, resets):
     # K=2 puts a reset right at the checkpoint step 4: the resumed run must make it on its first batch.
     common = [
+        *variant,
         "trainer.max_steps=8",
         "forgetting.every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=4",
@@ -106,7 +116,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "tokenizer", resumed / "tokenizer")
     resumed_metrics = pretrain.run(compose_config(resumed, common + [f"ckpt_path={ckpt}"]))
-    assert [r["step"] for r in resumed_metrics["resets"]] == [2, 4, 6]
+    assert [r["step"] for r in resumed_metrics["resets"]] == resets
 
     def strip(resets):
         return [{k: v for k, v in r.items() if k not in ("duration_ms", "host_ms")} for r in resets]

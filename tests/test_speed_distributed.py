@@ -56,6 +56,24 @@ def test_every_rank_holds_the_seeded_embedding_and_zero_state_after_each_reset(t
         assert torch.load(tmp_path / f"history{rank}.pt", weights_only=True)["verified"] == [True, True]
 
 
+def test_a_partial_reset_draws_the_same_rows_and_values_on_every_ddp_rank(tmp_path):
+    from afpt.pretrain.forgetting import reset_rows
+
+    result = run_worker(tmp_path, "ddp", "partial")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in (2, 4):
+        rows = reset_rows(96, 0.25, 0, step // 2)
+        fresh = torch.empty(96, 32)
+        generator = torch.Generator().manual_seed(reset_seed(0, step // 2, "embedding"))
+        reinitialize_(fresh, generator, "normal", 0.02, pad_token_id=0)
+        ranks = [torch.load(tmp_path / f"rank{r}_step{step}.pt", weights_only=True) for r in (0, 1)]
+        assert torch.equal(ranks[0]["emb"], ranks[1]["emb"])
+        assert torch.equal(ranks[0]["emb"][rows], fresh[rows])
+        assert torch.count_nonzero(ranks[0]["exp_avg"][rows]) == 0 and torch.count_nonzero(ranks[0]["exp_avg"]) > 0
+    for rank in (0, 1):  # check_sync verified the drawn values and the zeroed rows on both ranks
+        assert torch.load(tmp_path / f"history{rank}.pt", weights_only=True)["verified"] == [True, True]
+
+
 @pytest.mark.slow
 def test_compiled_fsdp2_compiles_every_layer_past_the_recompile_limit(tmp_path):
     """FSDP2's hooks make torch.compile compile each layer as its own frame; none may fall back to eager."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from afpt.errors import AfptError
+from afpt.io import atomic_save
 from afpt.models import find_model, is_tied
 from afpt.pretrain.schedule import DECAYS, episode_step, lr_factor
 from afpt.speed.distributed import assign_full, full_parameters, full_value, layout, local, verify_reset
@@ -72,8 +74,36 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: list[torch.
                 state[key] = type(value)(0)
 
 
+def reset_rows(n_rows: int, fraction: float, seed: int, reset_index: int) -> torch.Tensor | None:
+    """The rows one partial reset re-initialises: ``round(fraction * n_rows)`` rows drawn from the reset's own
+    generator (the same on every rank and after a resume), sorted; None for a full reset."""
+    if fraction >= 1.0:
+        return None
+    generator = torch.Generator().manual_seed(reset_seed(seed, reset_index, "rows"))
+    return torch.randperm(n_rows, generator=generator)[: round(fraction * n_rows)].sort().values
+
+
+@torch.no_grad()
+def reset_optimizer_rows_(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rows: torch.Tensor) -> None:
+    """Zero the rows ``rows`` of every per-element state tensor (Adam's moments) of ``params``, in place.
+
+    Per-tensor entries (Adam's ``step``) are left alone: the other rows keep training on the same step count.
+    """
+    for param in params:
+        for value in (optimizer.state.get(param) or {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value[rows.to(value.device)] = 0
+
+
 def check_options(
-    every_n_steps: int, init: str, std: float | None, head: str, episode_warmup_fraction: float, episode_decay: str
+    every_n_steps: int,
+    init: str,
+    std: float | None,
+    head: str,
+    episode_warmup_fraction: float,
+    episode_decay: str,
+    stop_after_steps: int | None = None,
+    fraction: float = 1.0,
 ) -> None:
     """One clear error, naming the ``forgetting.*`` key, for an option ``ActiveForgetting`` cannot use."""
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
@@ -88,6 +118,12 @@ def check_options(
         raise AfptError(f"forgetting.std must be positive, got {std!r}")
     if not 0.0 <= episode_warmup_fraction < 1.0:
         raise AfptError(f"forgetting.episode_warmup_fraction must be in [0, 1), got {episode_warmup_fraction!r}")
+    if stop_after_steps is not None and (
+        isinstance(stop_after_steps, bool) or not isinstance(stop_after_steps, int) or stop_after_steps <= 0
+    ):
+        raise AfptError(f"forgetting.stop_after_steps must be null or a positive integer, got {stop_after_steps!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise AfptError(f"forgetting.fraction must be in (0, 1], got {fraction!r}")
 
 
 class ActiveForgetting(Callback):
@@ -114,8 +150,16 @@ class ActiveForgetting(Callback):
         check_sync: after each reset on several ranks, gather the reset tensors through any sharding
             (DDP, FSDP, FSDP2), check that every rank holds exactly the drawn values and that its shard
             of their optimizer state is zero, and raise if not. Costs an all-gather per reset.
+        stop_after_steps: no reset from this optimizer step on (temporary forgetting: a long stable
+            phase at the end); None: until the last step.
+        fraction: share of the embedding rows a reset re-initialises (``round(fraction * rows)`` rows
+            drawn from the reset's generator; the other rows and their optimizer state stay bit for bit);
+            1: the whole matrix. Below 1 it runs on one device or under DDP.
+        save_before_reset: write the model (and the datamodule's tokenizer) as a Hugging Face directory
+            ``<default_root_dir>/episodes/step<N>/`` just before the reset at step N: the end of an episode.
+        label: the variant's name in reports (``every_k``, ``temporary``, ``partial``).
 
-    ``history`` holds one dict per reset: ``step``, ``reset_index``, ``loss_before`` / ``loss_after``
+    ``history`` holds one dict per reset: ``step``, ``reset_index``, ``rows`` (how many rows were reset), ``loss_before`` / ``loss_after``
     (the losses of the steps around it), ``duration_ms`` (GPU time from CUDA events on CUDA, wall time
     on CPU), ``host_ms`` (host time spent issuing it) and ``verify_ms``. On CUDA the values arrive
     without a host sync and are plain numbers by the end of the fit (and in every checkpoint).
@@ -135,9 +179,19 @@ class ActiveForgetting(Callback):
         episode_decay: str = "linear",
         total_steps: int | None = None,
         check_sync: bool = False,
+        stop_after_steps: int | None = None,
+        fraction: float = 1.0,
+        save_before_reset: bool = False,
+        label: str = "every_k",
     ) -> None:
         super().__init__()
-        check_options(every_n_steps, init, std, head, episode_warmup_fraction, episode_decay)
+        check_options(
+            every_n_steps, init, std, head, episode_warmup_fraction, episode_decay, stop_after_steps, fraction
+        )
+        self.stop_after_steps = stop_after_steps
+        self.fraction = float(fraction)
+        self.save_before_reset = save_before_reset
+        self.label = label
         self.every_n_steps = every_n_steps
         self.init = init
         self.std = std
@@ -159,8 +213,13 @@ class ActiveForgetting(Callback):
 
     # ----------------------------------------------------------------- resolution
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse strategies whose parameters this callback cannot address (DeepSpeed, FSDP without orig params)."""
-        layout(trainer)
+        """Refuse strategies whose parameters this callback cannot address (DeepSpeed, FSDP without orig params),
+        and sharded models for partial resets and episode saves."""
+        if layout(trainer) != "replicated" and (self.fraction < 1 or self.save_before_reset):
+            raise AfptError(
+                "forgetting.fraction < 1 and forgetting.save_before_reset run on one device or under DDP: "
+                f"{type(trainer.strategy).__name__} shards the embedding"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check the head policy against the model (built by now, also when ``configure_model`` builds it)."""
@@ -219,23 +278,46 @@ class ActiveForgetting(Callback):
         return value
 
     @torch.no_grad()
-    def reset(self, trainer: Trainer, pl_module: LightningModule, reset_index: int) -> None:
-        """Re-initialise the embeddings (and head, by policy) and zero their optimizer state.
+    def reset(self, trainer: Trainer, pl_module: LightningModule, reset_index: int) -> int:
+        """Re-initialise the embeddings (and head, by policy), or ``fraction`` of their rows, and zero their
+        optimizer state (of those rows); returns how many rows were reset.
 
         Works on whole tensors (single device, DDP), FSDP flat shards (through ``summon_full_params``)
         and FSDP2 ``DTensor`` shards: every rank draws the same full tensor and keeps its own shard.
         """
         model = find_model(pl_module)
+        n_rows = model.get_input_embeddings().weight.shape[0]
+        rows = reset_rows(n_rows, self.fraction, self.seed, reset_index)
         with full_parameters(trainer, writeback=True):
             params = self.reset_parameters(pl_module)
             values = [self._fresh_value(p, n, reset_index, model) for n, p in zip(RESET_NAMES, params)]
+            if rows is not None:  # keep every row but the drawn ones
+                values = [_blend(full_value(p).detach(), v, rows) for p, v in zip(params, values)]
             for param, value in zip(params, values):
                 assign_full(param, value)
         params = self.reset_parameters(pl_module)
         for optimizer in trainer.optimizers:
-            reset_optimizer_state_(optimizer, params)
+            if rows is None:
+                reset_optimizer_state_(optimizer, params)
+            else:
+                reset_optimizer_rows_(optimizer, params, rows)
         if self.check_sync and trainer.world_size > 1:
-            self._pending_check = values
+            self._pending_check = (values, rows)
+        return n_rows if rows is None else len(rows)
+
+    def save_episode(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """The model as it ends the episode before the reset at ``step``: ``episodes/step<step>/``, atomically."""
+        if not trainer.is_global_zero:
+            return
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        target = Path(trainer.default_root_dir) / "episodes" / f"step{step}"
+
+        def save(tmp: Path) -> None:
+            find_model(pl_module).save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+        atomic_save(save, target)
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -264,11 +346,15 @@ class ActiveForgetting(Callback):
         last_reset = self.history[-1]["step"] if self.history else 0
         if step == 0 or step % self.every_n_steps or step == last_reset or step >= self._total_steps(trainer):
             return
+        if self.stop_after_steps is not None and step >= self.stop_after_steps:
+            return
+        if self.save_before_reset:
+            self.save_episode(trainer, pl_module, step)
         reset_index = step // self.every_n_steps
         timer = ResetTimer(pl_module.device)
-        self.reset(trainer, pl_module, reset_index)
+        rows = self.reset(trainer, pl_module, reset_index)
         duration_ms, host_ms = timer.stop()
-        entry = {"step": step, "reset_index": reset_index, "loss_before": None, "loss_after": None}
+        entry = {"step": step, "reset_index": reset_index, "rows": rows, "loss_before": None, "loss_after": None}
         entry.update(duration_ms=duration_ms, host_ms=host_ms, verify_ms=self._verify_pending(trainer, pl_module))
         self.history.append(entry)
         self._unsettled.append(entry)
@@ -283,7 +369,8 @@ class ActiveForgetting(Callback):
         if self._pending_check is None:
             return None
         start = time.perf_counter()
-        verify_reset(trainer, pl_module, self.reset_parameters(pl_module), self._pending_check)
+        values, rows = self._pending_check
+        verify_reset(trainer, pl_module, self.reset_parameters(pl_module), values, rows)
         self._pending_check = None
         return 1000 * (time.perf_counter() - start)
 
@@ -328,3 +415,10 @@ class ActiveForgetting(Callback):
         self._awaiting_loss_after = bool(state_dict.get("awaiting_loss_after", False))
         last_loss = state_dict.get("last_loss")
         self._last_loss = None if last_loss is None else torch.tensor(last_loss)
+
+
+def _blend(current: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``current`` with ``rows`` taken from ``fresh`` (a 1-D bias: the same entries)."""
+    out = current.clone()
+    out[rows.to(out.device)] = fresh[rows.to(fresh.device)]
+    return out

@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tokens_per_step = trainer.accumulate_grad_batches * trainer.world_size * cfg.data.batch_size * cfg.data.block_size
     metrics: dict[str, Any] = {
         "stage": "pretrain",
-        "forgetting": "every_k" if forgetting else "none",
+        "forgetting": getattr(forgetting, "label", type(forgetting).__name__) if forgetting else "none",
         "model": model_cfg.name,
         "global_step": trainer.global_step,
         "tokens_seen": trainer.global_step * tokens_per_step,

@@ -232,9 +232,14 @@ def bit_checksum(tensor: torch.Tensor) -> int:
 
 @torch.no_grad()
 def verify_reset(
-    trainer: Trainer, pl_module: nn.Module, params: list[torch.Tensor], values: list[torch.Tensor]
+    trainer: Trainer,
+    pl_module: nn.Module,
+    params: list[torch.Tensor],
+    values: list[torch.Tensor],
+    rows: torch.Tensor | None = None,
 ) -> None:
-    """Check on every rank that the reset tensors ``params`` hold the drawn values and their optimizer state is zero.
+    """Check on every rank that the reset tensors ``params`` hold the drawn values and their optimizer state
+    (of the reset ``rows``, for a partial reset) is zero.
 
     Gathers the full tensors (through any sharding), compares them with the values this rank drew,
     sums this rank's shard of the optimizer state, and all-gathers the results.
@@ -244,11 +249,11 @@ def verify_reset(
         exact = all(torch.equal(o, v) for o, v in zip(observed, values))
         checksums = [float(bit_checksum(o)) for o in observed]
     state_abs = sum(
-        float(local(value).double().abs().sum())
+        float((local(value) if rows is None else local(value)[rows.to(local(value).device)]).double().abs().sum())
         for optimizer in trainer.optimizers
         for param in params
         for value in optimizer.state.get(param, {}).values()
-        if torch.is_tensor(value)
+        if torch.is_tensor(value) and (rows is None or value.shape == param.shape)
     )
     mine = torch.tensor([float(exact), state_abs, *checksums], dtype=torch.float64, device=pl_module.device)
     gathered = trainer.strategy.all_gather(mine).reshape(trainer.world_size, -1)
