@@ -215,8 +215,8 @@ class CorpusDataModule(PretrainDataModule):
     ``batch_size``, ``store``, ...). Nothing heavy happens at construction. ``tokenizer`` comes from
     ``tokenizer_path`` (e.g. the model being continued), else ``data.tokenizer.path``, else it is trained
     with ``vocab_size`` tokens on a sample of the corpus and cached in ``run_dir/tokenizer``.
-    ``prepare_data`` (local rank 0) fills the token store under ``store_dir``; ``setup`` (every rank)
-    memory-maps it.
+    ``prepare_data`` (local rank 0) fills the token store under ``store_dir`` (default ``run_dir/store``);
+    ``setup`` (every rank) memory-maps it.
     """
 
     def __init__(
@@ -247,7 +247,7 @@ class CorpusDataModule(PretrainDataModule):
         self.vocab_size, self.run_dir, self.seed = vocab_size, Path(run_dir), seed
         self.tokenizer_path = tokenizer_path or dict(data.get("tokenizer") or {}).get("path")
         self.trust_remote_code = trust_remote_code
-        self.store_dir = Path(store_dir or data.get("store_dir") or Path(run_dir) / "store")
+        self.store_dir = Path(store_dir or Path(run_dir) / "store")
         self._tokenizer: tuple[PreTrainedTokenizerBase, Path] | None = None
         self._store: TokenStore | None = None
 
