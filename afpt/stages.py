@@ -75,7 +75,7 @@ def build_forgetting(node: DictConfig | None) -> pl.Callback | None:
     except InstantiationException as err:  # Hydra wraps the callback's own error; that one names the key
         if isinstance(err.__cause__, AfptError):
             raise err.__cause__ from None
-        raise AfptError(f"forgetting: cannot build {node._target_!r}: {err}") from err
+        raise AfptError(f"forgetting: cannot build {node._target_!r}: {err.__cause__ or err}") from err
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callback], **overrides: Any) -> pl.Trainer:

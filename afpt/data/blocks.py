@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from afpt.data.sources import Corpus, corpus_parts
-from afpt.data.store import TokenStore
+from afpt.data.store import TokenStore, check_store_options, pack_ids, token_dtype
 from afpt.data.tokenizer import tokenizer_for_run, tokenizer_sha256
 from afpt.errors import DataError
 
@@ -24,16 +24,13 @@ AUTO_WORKERS = 4
 
 
 def pack(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int, name: str) -> datasets.Dataset:
-    """Tokenise documents, join them with EOS and cut the stream into ``block_size`` blocks."""
-    eos = tokenizer.eos_token_id
+    """Tokenise documents in memory, join them with EOS and cut them into ``block_size`` blocks (``pack_ids``,
+    as the token store does), for the small corpora of adaptation."""
+    eos, dtype = tokenizer.eos_token_id, token_dtype(len(tokenizer))
 
-    def tokenize_and_group(batch: dict[str, list]) -> dict[str, list]:
-        ids: list[int] = []
-        for doc in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-            ids.extend(doc)
-            ids.append(eos)
-        usable = len(ids) - len(ids) % block_size
-        return {"input_ids": [ids[i : i + block_size] for i in range(0, usable, block_size)]}
+    def tokenize_and_group(batch: dict[str, list]) -> dict[str, Any]:
+        docs = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": pack_ids(docs, eos, block_size, dtype)}
 
     packed = ds.map(tokenize_and_group, batched=True, batch_size=1000, remove_columns=ds.column_names)
     if len(packed) == 0:
@@ -41,7 +38,7 @@ def pack(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, block_size: i
         raise DataError(
             f"corpus {name!r} is too small for one block: about {total} tokens, data.block_size={block_size}"
         )
-    return packed.with_format("torch")
+    return packed.with_format("torch", dtype=torch.long)
 
 
 def pack_corpus(
@@ -244,12 +241,14 @@ class CorpusDataModule(PretrainDataModule):
         self.data = data
         self.train_parts, self.val_parts = corpus_parts(data, data.get("languages"))
         self.train_names = [p.lang for p in self.train_parts]
-        self.vocab_size, self.run_dir, self.seed = vocab_size, Path(run_dir), seed
+        self.vocab_size, self.run_dir = vocab_size, Path(run_dir)
         self.tokenizer_path = tokenizer_path or dict(data.get("tokenizer") or {}).get("path")
         self.trust_remote_code = trust_remote_code
         self.store_dir = Path(store_dir or Path(run_dir) / "store")
         self._tokenizer: tuple[PreTrainedTokenizerBase, Path] | None = None
         self._store: TokenStore | None = None
+        self.store_options = dict(data.get("store") or {})
+        check_store_options(self.store_options.get("num_proc"), self.store_options.get("shard_docs", 2000))
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -266,7 +265,7 @@ class CorpusDataModule(PretrainDataModule):
     def store(self) -> TokenStore:
         """The token store for this run's tokenizer and block size."""
         if self._store is None:
-            options = dict(self.data.get("store") or {})
+            options = self.store_options
             tokenizer = self.tokenizer
             self._store = TokenStore(
                 self.store_dir,

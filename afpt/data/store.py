@@ -99,6 +99,14 @@ def _tokenize_shard(texts: list[str]) -> tuple[int, np.ndarray, int, int]:
     return len(texts), blocks, sum(map(len, docs)) + len(docs), sum(len(t.encode("utf-8", "ignore")) for t in texts)
 
 
+def check_store_options(num_proc: int | None, shard_docs: int) -> None:
+    """One clear error for a ``data.store`` option the store cannot use."""
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise DataError(f"data.store.num_proc must be null or an integer >= 1, got {num_proc!r}")
+    if isinstance(shard_docs, bool) or not isinstance(shard_docs, int) or shard_docs < 1:
+        raise DataError(f"data.store.shard_docs must be an integer >= 1, got {shard_docs!r}")
+
+
 class TokenStore:
     """Packed blocks of every part, prepared once under ``root`` for one tokenizer and block size.
 
@@ -122,10 +130,7 @@ class TokenStore:
         shard_docs: int = 2000,
         require_prepared: bool = False,
     ) -> None:
-        if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
-            raise DataError(f"data.store.num_proc must be null or an integer >= 1, got {num_proc!r}")
-        if isinstance(shard_docs, bool) or not isinstance(shard_docs, int) or shard_docs < 1:
-            raise DataError(f"data.store.shard_docs must be an integer >= 1, got {shard_docs!r}")
+        check_store_options(num_proc, shard_docs)
         self.root = Path(root)
         self.tokenizer = tokenizer
         self.tokenizer_hash = tokenizer_sha256
