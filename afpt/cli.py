@@ -1,28 +1,60 @@
-"""The ``afpt`` command: a Hydra app over ``conf/`` (installed as ``afpt.conf``) that runs one stage."""
+"""The ``afpt`` command: a Hydra app over ``conf/`` (installed as ``afpt.conf``) that runs one stage.
+
+Exit status: 0 done; 2 bad input or an unwritable disk, in one line (``afpt: error: ...``) with the run
+directory left as it was; 143 stopped by SIGTERM after saving a resumable checkpoint.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
-import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from afpt.errors import AfptError
-from afpt.stages import run_stage
+from afpt.runs import check_run_name, discard, fail, is_fresh, run_lock
 
 log = logging.getLogger("afpt")
+
+# Errors of the disk rather than of afpt: reported in one line, naming the file.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+SIGTERM_EXIT = 128 + 15
+
+
+def _disk_message(err: OSError) -> str:
+    where = f"cannot write {err.filename!r}" if err.filename else "cannot write the run's files"
+    return f"{where}: {err.strerror or err}"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://afpt.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from afpt.stages import run_stage
+
+    run_dir = Path(cfg.paths.run_dir)
+    fresh = is_fresh(run_dir)
     try:
-        metrics = run_stage(cfg.stage.name, cfg)
+        check_run_name(cfg.name)
+        with run_lock(run_dir):
+            metrics = run_stage(cfg.stage.name, cfg)
     except AfptError as err:
         log.error("%s", err)
-        print(f"afpt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if fresh:
+            discard(run_dir)
+        fail(str(err))
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        fail(_disk_message(err))  # not logged: the log file may be on the disk that failed
+    except SIGTERMException:
+        resume = "" if cfg.stage.name == "pipeline" else " ckpt_path=last"
+        message = f"stopped by SIGTERM; a resumable checkpoint is saved: rerun with name={run_dir.name}{resume}"
+        log.error("%s", message)
+        fail(message, SIGTERM_EXIT)
     key = cfg.get("optimized_metric")
     return float(metrics[key]) if key and key in metrics else None
 

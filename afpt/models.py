@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -17,6 +19,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import afpt.speed.attention  # noqa: F401  (registers the afpt_sdpa attention that compiled models train with)
 from afpt.errors import AfptError
@@ -129,13 +132,42 @@ def build_model(cfg: ModelConfig, n_tokens: int, special_ids: dict[str, int | No
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """``path`` as a Path if it is a saved model directory with safetensors weights; else a clear error."""
+def check_model_dir(path: str | Path, trust_remote_code: bool = False) -> Path:
+    """``path`` as a Path if it is a saved model directory afpt can load safely; else a clear error.
+
+    Checked without loading the weights: a ``config.json`` of a Hugging Face architecture (custom code,
+    ``auto_map``, only with ``trust_remote_code``) and readable ``*.safetensors`` headers.
+    """
     path = Path(path)
+    where = f"init_from={str(path)!r}"
     if not (path / "config.json").is_file():
-        raise ModelConfigError(f"init_from={str(path)!r} is not a model directory (no config.json)")
-    if not any(path.glob("*.safetensors")):
-        raise ModelConfigError(f"init_from={str(path)!r} holds no *.safetensors weights; afpt loads only safetensors")
+        raise ModelConfigError(f"{where} is not a model directory (no config.json)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelConfigError(f"{where}: config.json is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{where}: config.json is not a JSON object")
+    model_type, custom = config.get("model_type"), bool(config.get("auto_map"))
+    if model_type not in CONFIG_MAPPING and not (custom and trust_remote_code):
+        why = (
+            " it names custom code (auto_map), which afpt runs only with model.trust_remote_code=true;"
+            if custom
+            else ""
+        )
+        raise ModelConfigError(
+            f"{where}: config.json model_type={model_type!r} is not a Hugging Face architecture;{why} "
+            "expected a decoder such as llama, mistral or gpt2"
+        )
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ModelConfigError(f"{where} holds no *.safetensors weights; afpt loads only safetensors")
+    for file in weights:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ModelConfigError(f"{where}: {file.name} is not a readable safetensors file ({err})") from None
     return path
 
 
@@ -148,7 +180,7 @@ def load_model(
 
     ``attn_implementation``: None keeps Hugging Face's choice.
     """
-    path = check_model_dir(path)
+    path = check_model_dir(path, trust_remote_code)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
@@ -185,8 +217,20 @@ def save_model_dir(
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        for name, obj in (("config.json", model), ("tokenizer_config.json", tokenizer)):
+            _drop_auto_map(tmp / name, obj)
 
     return atomic_save(save, path)
+
+
+def _drop_auto_map(path: Path, obj: Any) -> None:
+    """Remove an ``auto_map`` an input model carried into a file that afpt's own (built-in) classes wrote, so
+    the output never points a later ``trust_remote_code`` load at code afpt did not run."""
+    if not path.is_file() or not type(obj).__module__.startswith("transformers."):
+        return
+    config = json.loads(path.read_text())
+    if config.pop("auto_map", None) is not None:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager

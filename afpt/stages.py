@@ -12,9 +12,11 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from afpt.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, PreemptionCheckpoint, resolve_ckpt_path
 from afpt.errors import AfptError
 from afpt.speed.distributed import layout
 
@@ -27,7 +29,6 @@ STAGES = {
     "evaluate": "afpt.evaluate.stage",
     "pipeline": "afpt.study.pipeline",
 }
-LIGHTNING_CKPT_ALIASES = ("last", "hpc", "registry")
 
 
 def run_stage(name: str, cfg: DictConfig) -> dict[str, Any]:
@@ -55,13 +56,22 @@ def init_from(cfg: DictConfig, stage: str) -> str:
     return value
 
 
-def check_ckpt_path(ckpt_path: str | None) -> str | None:
-    """``ckpt_path`` must name an existing file (or one of Lightning's aliases such as ``last``)."""
-    if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_ALIASES:
-        return ckpt_path
-    if not Path(ckpt_path).is_file():
-        raise AfptError(f"ckpt_path={ckpt_path!r} does not exist; give a checkpoint file written by an earlier run")
-    return ckpt_path
+def check_ckpt_path(cfg: DictConfig) -> str | None:
+    """``cfg.ckpt_path`` as a whole, safely loadable checkpoint file (``last``: the run's own ``last.ckpt``)."""
+    return resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.run_dir))
+
+
+def check_batches(data: DictConfig, positions: int | None) -> None:
+    """``data.batch_size`` and ``data.block_size`` are positive, and a block fits the model's ``positions``."""
+    for key in ("batch_size", "block_size"):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise AfptError(f"data.{key} must be a positive integer, got {value!r}")
+    if positions and data.block_size > positions:
+        raise AfptError(
+            f"data.block_size={data.block_size} is longer than the model's {positions} positions "
+            "(model.max_position_embeddings); use a shorter block or a model with more positions"
+        )
 
 
 def build_forgetting(node: DictConfig | None) -> pl.Callback | None:
@@ -86,17 +96,31 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     kwargs = {**to_dict(cfg.trainer), **overrides}
+    for key in ("max_steps", "max_epochs"):
+        if kwargs.get(key) == 0:
+            raise AfptError(f"trainer.{key}=0 trains nothing; give a positive number (or -1 for no limit)")
     if isinstance(kwargs.get("strategy"), dict):  # a strategy object: {_target_: ..., **kwargs}
         try:
             kwargs["strategy"] = instantiate(cfg.trainer.strategy)
         except Exception as err:
             raise AfptError(f"trainer.strategy: cannot build {kwargs['strategy'].get('_target_')!r}: {err}") from err
+    preemption = PreemptionCheckpoint(run_dir / CHECKPOINT_DIR)
+    plugins = list(kwargs.pop("plugins", None) or [])
+    if not any(isinstance(p, AtomicCheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
     try:
         return pl.Trainer(
-            **kwargs, callbacks=callbacks + extra_callbacks, logger=loggers or False, default_root_dir=str(run_dir)
+            **kwargs,
+            callbacks=callbacks + extra_callbacks + [preemption],
+            logger=loggers or False,
+            default_root_dir=str(run_dir),
+            plugins=plugins,
         )
     except TypeError as err:
         raise AfptError(f"trainer: {err}") from err
+    except MisconfigurationException as err:
+        settings = ", ".join(f"{k}={kwargs.get(k)}" for k in ("accelerator", "devices", "strategy", "precision"))
+        raise AfptError(f"trainer ({settings}): {err}") from err
 
 
 def require_replicated(trainer: pl.Trainer, stage: str) -> None:

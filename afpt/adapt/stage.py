@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if a.policy not in POLICIES:
         raise AfptError(f"adapt.policy={a.policy!r} is unknown; expected one of {POLICIES}")
     check_model_dir(source)
-    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    ckpt_path = check_ckpt_path(cfg)
     base = load_tokenizer(source)
     target = a.vocab_size or len(base) + a.new_tokens
     if target < len(base):

@@ -241,6 +241,8 @@ class CorpusDataModule(PretrainDataModule):
         self.data = data
         self.train_parts, self.val_parts = corpus_parts(data, data.get("languages"))
         self.train_names = [p.lang for p in self.train_parts]
+        # Local files: {config key: {"records", "dropped"}} of every file set read (see load_text_files).
+        self.record_counts = {k: v for p in self.train_parts + self.val_parts for k, v in (p.records or {}).items()}
         self.vocab_size, self.run_dir = vocab_size, Path(run_dir)
         self.tokenizer_path = tokenizer_path or dict(data.get("tokenizer") or {}).get("path")
         self.trust_remote_code = trust_remote_code

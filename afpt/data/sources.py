@@ -5,6 +5,8 @@ Every corpus passes through ``datasets``; each language becomes one ``Dataset`` 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -15,10 +17,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from afpt.data.store import Part
 from afpt.data.world import World, WorldConfig
 from afpt.errors import DataError
+
+log = logging.getLogger("afpt")
 
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -90,34 +96,124 @@ def as_file_map(value: Any, key: str) -> dict[str, list[str]]:
     return {"default": [str(p) for p in value]}
 
 
-def _has_a_line(path: str) -> bool:
-    with open(path, errors="replace") as handle:
-        return any(line.strip() for line in handle)
-
-
 def load_records(paths: Sequence[str], key: str) -> datasets.Dataset:
-    """The records of local txt/jsonl/parquet files (one extension), through ``datasets``."""
+    """The records of local txt/jsonl/parquet files (one extension), through ``datasets``.
+
+    A file that cannot be read (binary, not UTF-8, a malformed JSON line, not parquet) is one ``DataError``
+    naming the file and the line.
+    """
     suffixes = {Path(p).suffix.lower() for p in paths}
     for path in paths:
         if not Path(path).is_file():
             raise DataError(f"{key}: file {path!r} does not exist")
         if Path(path).stat().st_size == 0:
             raise DataError(f"{key}: file {path!r} is empty")
-        if FILE_BUILDERS.get(Path(path).suffix.lower()) == "json" and not _has_a_line(path):
-            raise DataError(f"{key}: file {path!r} holds no records")
     if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_BUILDERS:
         raise DataError(f"{key}: files must share one extension among {sorted(FILE_BUILDERS)}, got {sorted(suffixes)}")
-    return datasets.load_dataset(FILE_BUILDERS[suffixes.pop()], data_files=list(paths), split="train")
+    builder = FILE_BUILDERS[suffixes.pop()]
+    for path in paths:
+        if builder == "json" and not _has_a_line(path):
+            raise DataError(f"{key}: file {path!r} holds no records")
+    try:
+        return datasets.load_dataset(builder, data_files=list(paths), split="train")
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as err:
+        for path in paths:  # find the file and line at fault; only read on this error path
+            problem = _file_problem(path, builder)
+            if problem:
+                raise DataError(f"{key}: file {path!r} {problem}") from None
+        cause = err.__cause__ or err
+        raise DataError(
+            f"{key}: files {list(paths)} cannot be read as {builder}: {str(cause).splitlines()[0]}"
+        ) from None
 
 
-def load_text_files(paths: list[str], key: str, text_field: str) -> datasets.Dataset:
-    """Non-empty text of local txt/jsonl/parquet files (one extension), as a Dataset with a ``text`` column."""
+def _has_a_line(path: str) -> bool:
+    with open(path, errors="replace") as handle:
+        return any(line.strip() for line in handle)
+
+
+def _file_problem(path: str, builder: str) -> str | None:
+    """Why ``path`` cannot be read as ``builder`` records (naming the line), or None."""
+    if builder == "parquet":
+        try:
+            pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as err:
+            return f"is not a parquet file ({err})"
+        return None
+    with open(path, "rb") as handle:
+        if b"\0" in handle.read(1 << 16):
+            return "is a binary file, not text (it holds NUL bytes)"
+        handle.seek(0)
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number} is not UTF-8 text (byte {err.start} of the line); re-encode the file as UTF-8"
+            if builder != "json" or not line.strip() or path.endswith(".json"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                return f"line {number} is not valid JSON ({err.args[0]}); expected one JSON object per line"
+            if not isinstance(record, dict):
+                return f"line {number} is not a JSON object; expected one object per line"
+    return None
+
+
+def _first_missing(paths: Sequence[str], field_name: str) -> str:
+    """Where the first record without text in ``field_name`` is: ``<file> line N`` or ``<file> record N``."""
+    for path in paths:
+        if path.endswith(".parquet"):
+            column = pq.read_table(path, columns=[field_name]).column(0)
+            for index, value in enumerate(column.to_pylist()):
+                if value is None:
+                    return f"{path} record {index}"
+            continue
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if record.get(field_name) is None:
+                        return f"{path} line {number}"
+    return str(list(paths))
+
+
+def load_text_files(
+    paths: list[str],
+    key: str,
+    text_field: str,
+    max_dropped_fraction: float = 0.0,
+    counts: dict[str, dict[str, int]] | None = None,
+) -> datasets.Dataset:
+    """Non-empty text of local txt/jsonl/parquet files (one extension), as a Dataset with a ``text`` column.
+
+    jsonl/parquet records without ``text_field`` (missing or null) are dropped and counted in ``counts[key]``;
+    more than ``max_dropped_fraction`` of them is an error naming the first one's file and line. A field that
+    holds something other than strings is an error.
+    """
     ds = load_records(paths, key)
     if FILE_BUILDERS[Path(paths[0]).suffix.lower()] != "text":
         if text_field not in ds.column_names:
             raise DataError(
                 f"{key}: records have no field {text_field!r} (fields: {ds.column_names}); set data.text_field"
             )
+        kind = ds.features[text_field]
+        if getattr(kind, "dtype", None) not in ("string", "large_string"):
+            raise DataError(
+                f"{key}: field {text_field!r} of {paths[0] if len(paths) == 1 else paths} holds {kind}, not text; "
+                "set data.text_field to the field that holds the documents"
+            )
+        dropped = ds.data.column(text_field).null_count
+        if dropped:
+            share = dropped / len(ds)
+            if share > max_dropped_fraction:
+                where = _first_missing(paths, text_field)
+                raise DataError(
+                    f"{key}: {dropped} of {len(ds)} records ({share:.1%}) have no {text_field!r}, the first at {where}; "
+                    f"expected at most data.max_dropped_fraction={max_dropped_fraction}"
+                )
+        if counts is not None:
+            counts[key] = {"records": len(ds), "dropped": dropped}
         ds = ds.rename_column(text_field, "text") if text_field != "text" else ds
     ds = ds.select_columns(["text"]).filter(lambda r: bool(r["text"] and r["text"].strip()))
     if len(ds) == 0:
@@ -184,8 +280,9 @@ def corpus_parts(
 ) -> tuple[list[Part], list[Part]]:
     """(train, validation) parts of the corpus a ``data`` config describes, for the token store.
 
-    Nothing is read here but file sizes: each part streams its documents when the store asks for them,
-    in the same order and split as ``load_corpus``.
+    Local files are checked here (read once through ``datasets``, which caches them: an unreadable file or
+    too many records without text stops the run before any tokenizer or store work); each part streams its
+    documents when the store asks for them, in the same order and split as ``load_corpus``.
     """
     source = cfg.get("source")
     if source not in SOURCES:
@@ -238,38 +335,52 @@ def _file_parts(cfg: Mapping[str, Any], languages: Sequence[str] | None, key: st
     if missing:
         raise DataError(f"{key}.files has no files for languages {missing}; it has {sorted(train_map)}")
     text_field, fraction, seed = cfg.get("text_field", "text"), cfg.get("validation_fraction", 0.05), cfg.get("seed", 0)
+    max_dropped = float(cfg.get("max_dropped_fraction", 0.01))
+
+    def checked(paths: list[str], file_key: str) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+        """The files' identity, and their record counts: read once here, so bad records stop the run first."""
+        identity, counts = _file_identity(paths, file_key), {}
+        load_text_files(paths, file_key, text_field, max_dropped, counts)
+        for name, count in counts.items():
+            if count["dropped"]:
+                log.warning(
+                    "%s: dropped %d of %d records without %r", name, count["dropped"], count["records"], text_field
+                )
+        return identity, counts
+
     train, validation = [], []
     for lang in langs:
-        files = _file_identity(train_map[lang], f"{key}.files[{lang}]")
+        train_key = f"{key}.files[{lang}]"
+        files, counts = checked(train_map[lang], train_key)
         identity = {"source": "files", "files": files, "text_field": text_field, "lang": lang}
         if lang in val_map:
-            val_files = _file_identity(val_map[lang], f"{key}.validation_files[{lang}]")
-            train.append(
-                Part(lang, "train", identity, _file_documents(train_map[lang], f"{key}.files[{lang}]", text_field))
-            )
-            validation.append(
-                Part(
-                    lang,
-                    "validation",
-                    {**identity, "files": val_files},
-                    _file_documents(val_map[lang], f"{key}.validation_files[{lang}]", text_field),
-                )
-            )
+            val_key = f"{key}.validation_files[{lang}]"
+            val_files, val_counts = checked(val_map[lang], val_key)
+            documents = _file_documents(train_map[lang], train_key, text_field, max_dropped)
+            train.append(Part(lang, "train", identity, documents, records=counts))
+            documents = _file_documents(val_map[lang], val_key, text_field, max_dropped)
+            validation.append(Part(lang, "validation", {**identity, "files": val_files}, documents, records=val_counts))
             continue
         identity = {**identity, "validation_fraction": fraction, "seed": seed}
         for split in SPLITS:
-            docs = _file_documents(train_map[lang], f"{key}.files[{lang}]", text_field, split, fraction, seed)
-            (train if split == "train" else validation).append(Part(lang, split, identity, docs))
+            docs = _file_documents(train_map[lang], train_key, text_field, max_dropped, split, fraction, seed)
+            (train if split == "train" else validation).append(Part(lang, split, identity, docs, records=counts))
     return train, validation
 
 
 def _file_documents(
-    paths: list[str], key: str, text_field: str, split: str | None = None, fraction: float = 0.0, seed: int = 0
+    paths: list[str],
+    key: str,
+    text_field: str,
+    max_dropped: float,
+    split: str | None = None,
+    fraction: float = 0.0,
+    seed: int = 0,
 ) -> Callable[[int], Iterator[str]]:
     """``documents(start)`` of local files (memory-mapped by ``datasets``), optionally one side of a seeded split."""
 
     def documents(start: int) -> Iterator[str]:
-        ds = load_text_files(paths, key, text_field)
+        ds = load_text_files(paths, key, text_field, max_dropped)
         if split is not None:
             if fraction <= 0 or len(ds) < 2:
                 ds = ds if split == "train" else ds.select([])

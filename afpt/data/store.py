@@ -50,6 +50,8 @@ class Part:
     """``documents(start)``: the part's documents from index ``start`` on, streamed."""
     max_tokens: int | None = None
     """Stop once this many tokens are stored (whole blocks); None: every document."""
+    records: dict[str, dict[str, int]] | None = None
+    """Files only: {config key: {"records": read, "dropped": without text}} of the files behind this part."""
 
 
 def file_hash(path: str | os.PathLike) -> str:

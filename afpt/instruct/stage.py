@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if i.overflow not in OVERFLOW:
         raise AfptError(f"instruct.overflow={i.overflow!r} is unknown; expected one of {OVERFLOW}")
     check_model_dir(source)
-    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    ckpt_path = check_ckpt_path(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     train_convs, heldout_convs = conversations_for(cfg)
     tokenizer = load_tokenizer(source)

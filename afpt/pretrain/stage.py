@@ -11,13 +11,13 @@ import torch
 from omegaconf import DictConfig
 
 from afpt.data import CorpusDataModule
-from afpt.io import metric_csvs, write_json
+from afpt.io import metric_csvs, read_json, write_json
 from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model, save_model_dir
 from afpt.plots import plot_loss_with_resets
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.distributed import full_state_dict, layout
 from afpt.speed.throughput import TokenThroughput
-from afpt.stages import build_forgetting, build_trainer, check_ckpt_path, scalar_metrics, to_dict
+from afpt.stages import build_forgetting, build_trainer, check_batches, check_ckpt_path, scalar_metrics, to_dict
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -25,11 +25,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     model_cfg = ModelConfig.from_mapping(to_dict(cfg.model))
-    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    ckpt_path = check_ckpt_path(cfg)
     init_from = cfg.get("init_from")
+    positions = model_cfg.max_position_embeddings
     if init_from:
-        check_model_dir(init_from)
-    forgetting = build_forgetting(cfg.get("forgetting"))  # a bad setting fails before data preparation
+        config = read_json(check_model_dir(init_from, model_cfg.trust_remote_code) / "config.json")
+        positions = config.get("max_position_embeddings") or config.get("n_positions")
+    check_batches(cfg.data, positions)
+    # Every setting is checked before the tokenizer and the store: a bad one fails with nothing written.
+    forgetting = build_forgetting(cfg.get("forgetting"))
+    trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
     datamodule = CorpusDataModule(
         to_dict(cfg.data),
         vocab_size=model_cfg.vocab_size,
@@ -49,7 +54,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         model = build_model(model_cfg, len(tokenizer), special)
     module = CausalLMModule(model, **to_dict(cfg.optim))
-    trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -68,6 +72,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "train_time_s": round(train_time, 2),
         "parameters": count_parameters(model),
         "languages": datamodule.train_names,
+        "records": datamodule.record_counts,
         "resets": forgetting.history if forgetting else [],
         "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,

@@ -1,0 +1,128 @@
+"""The run directory: a name that stays under ``runs/``, one writer at a time, and nothing left behind by a
+refused run. Light to import: the ``afpt`` command's Hydra callback runs before any stage is loaded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+from filelock import FileLock, Timeout
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from afpt.errors import AfptError
+from afpt.io import clean_stale
+
+LOCK_NAME = ".afpt.lock"
+HOLDER_NAME = ".afpt.holder.json"
+# What a run directory holds before the stage writes anything: Hydra's config copy, the job log, the lock.
+RUN_BOOKKEEPING = (".hydra", LOCK_NAME, HOLDER_NAME)
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``afpt: error: <message>`` on stderr and exit with ``code`` (2: bad input)."""
+    print(f"afpt: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_run_name(name: Any) -> None:
+    """A run name is one folder under ``runs/``: no path separators, no ``..``, not hidden."""
+    text = str(name)
+    if not text or "/" in text or "\\" in text or text.startswith(".") or "\0" in text:
+        raise AfptError(
+            f"name={text!r} must be a single folder name under runs/ (no '/', no '..', not starting with '.'); "
+            "to write a run elsewhere, set hydra.run.dir=<path>"
+        )
+
+
+def is_rank_zero() -> bool:
+    """True in the process that owns the run directory: not a rank > 0 started by a launcher or scheduler."""
+    return all(os.environ.get(var, "0") == "0" for var in RANK_VARIABLES)
+
+
+def _probe_writable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: refuse a bad ``name`` and an unwritable run (or sweep) directory before Hydra creates it."""
+
+    def _check(self, config: DictConfig, folder_key: str) -> None:
+        try:
+            check_run_name(config.get("name"))
+        except AfptError as err:
+            fail(str(err))
+        folder = Path(str(config.hydra[folder_key].dir))
+        try:
+            _probe_writable(folder)
+        except OSError as err:
+            fail(f"cannot write the run directory {str(folder)!r}: {err.strerror}; set hydra.run.dir or name=")
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Before a single run."""
+        self._check(config, "run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Before a sweep."""
+        self._check(config, "sweep")
+
+
+def is_fresh(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds nothing but what Hydra and the lock put there at start (a new run)."""
+    if not run_dir.is_dir():
+        return True
+    return all(p.name in RUN_BOOKKEEPING or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+def discard(run_dir: Path) -> None:
+    """Remove a run directory that a refused run created, so bad input leaves nothing behind."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _holder(run_dir: Path) -> str:
+    try:
+        info = json.loads((run_dir / HOLDER_NAME).read_text())
+        return f"pid {info['pid']} on host {info['host']} (since {info['started']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock for the whole run; a second writer gets a clear error naming the holder.
+
+    Only the process that owns the run takes it (ranks > 0 of a launcher share the directory). The lock is
+    an OS file lock, released when the holder exits, however it exits. Stale temporaries a killed writer
+    left are cleaned once the lock is held.
+    """
+    if not is_rank_zero():
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise AfptError(
+            f"run directory {str(run_dir)!r} is in use by {_holder(run_dir)}; wait for it to finish "
+            "or choose another name="
+        ) from None
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (run_dir / HOLDER_NAME).write_text(json.dumps(holder))
+        clean_stale(run_dir)
+        yield
+    finally:
+        (run_dir / HOLDER_NAME).unlink(missing_ok=True)
+        lock.release()
