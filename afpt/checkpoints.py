@@ -68,7 +68,7 @@ class PreemptionCheckpoint(pl.Callback):
                 if isinstance(callback, ModelCheckpoint) and callback.dirpath:
                     self.dirpath = Path(callback.dirpath)
             self.saved = self.dirpath / "last.ckpt"
-            trainer.save_checkpoint(self.saved)
+            trainer.save_checkpoint(self.saved, weights_only=False)
 
 
 def runs_with_last(runs_root: Path) -> list[str]:

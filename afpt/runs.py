@@ -56,9 +56,10 @@ def _probe_writable(folder: Path) -> None:
 
 
 class RunDirGuard(Callback):
-    """Hydra callback: refuse a bad ``name`` and an unwritable run (or sweep) directory before Hydra creates it."""
+    """Hydra callback: refuse a bad ``name`` and an unwritable run (or sweep) directory before Hydra creates it,
+    and take a single run's lock before Hydra writes its config copy (``.hydra/``) there."""
 
-    def _check(self, config: DictConfig, folder_key: str) -> None:
+    def _check(self, config: DictConfig, folder_key: str) -> Path:
         try:
             check_run_name(config.get("name"))
         except AfptError as err:
@@ -68,10 +69,15 @@ class RunDirGuard(Callback):
             _probe_writable(folder)
         except OSError as err:
             fail(f"cannot write the run directory {str(folder)!r}: {err.strerror}; set hydra.run.dir or name=")
+        return folder
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Before a single run."""
-        self._check(config, "run")
+        folder = self._check(config, "run")
+        try:
+            acquire(folder)
+        except AfptError as err:
+            fail(str(err))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Before a sweep."""
@@ -98,16 +104,17 @@ def _holder(run_dir: Path) -> str:
         return "another process"
 
 
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run directory's lock for the whole run; a second writer gets a clear error naming the holder.
+_HELD: dict[Path, FileLock] = {}
+
+
+def acquire(run_dir: Path) -> None:
+    """Take the run directory's lock for this process (once), or raise an error naming its holder.
 
     Only the process that owns the run takes it (ranks > 0 of a launcher share the directory). The lock is
-    an OS file lock, released when the holder exits, however it exits. Stale temporaries a killed writer
-    left are cleaned once the lock is held.
+    an OS file lock, released when the holder exits, however it exits.
     """
-    if not is_rank_zero():
-        yield
+    key = run_dir.resolve()
+    if key in _HELD or not is_rank_zero():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(run_dir / LOCK_NAME, timeout=0)
@@ -118,11 +125,27 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             f"run directory {str(run_dir)!r} is in use by {_holder(run_dir)}; wait for it to finish "
             "or choose another name="
         ) from None
-    try:
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (run_dir / HOLDER_NAME).write_text(json.dumps(holder))
-        clean_stale(run_dir)
-        yield
-    finally:
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (run_dir / HOLDER_NAME).write_text(json.dumps(holder))
+    _HELD[key] = lock
+
+
+def release(run_dir: Path) -> None:
+    """Give the run directory's lock back (a no-op where this process does not hold it)."""
+    lock = _HELD.pop(run_dir.resolve(), None)
+    if lock is not None:
         (run_dir / HOLDER_NAME).unlink(missing_ok=True)
         lock.release()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock for the whole run (``acquire``), and clean the stale temporaries a killed
+    writer left once it is held."""
+    acquire(run_dir)
+    try:
+        if is_rank_zero():
+            clean_stale(run_dir)
+        yield
+    finally:
+        release(run_dir)

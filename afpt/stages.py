@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -105,8 +106,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
         except Exception as err:
             raise AfptError(f"trainer.strategy: cannot build {kwargs['strategy'].get('_target_')!r}: {err}") from err
     preemption = PreemptionCheckpoint(run_dir / CHECKPOINT_DIR)
-    plugins = list(kwargs.pop("plugins", None) or [])
-    if not any(isinstance(p, AtomicCheckpointIO) for p in plugins):
+    plugins = [instantiate(p) if isinstance(p, dict) else p for p in kwargs.pop("plugins", None) or []]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own CheckpointIO replaces afpt's
         plugins.append(AtomicCheckpointIO())
     try:
         return pl.Trainer(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +17,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from afpt.checkpoints import AtomicCheckpointIO
 
 # Overrides that make any composed config run in seconds on 2 CPU cores.
 TINY = [
@@ -144,3 +150,42 @@ CONVERSATION = [
     {"role": "user", "content": "And what does Niran eat?"},
     {"role": "assistant", "content": "Niran eats plums."},
 ]
+
+
+class KillAt(pl.Callback):
+    """Kill this process with SIGKILL (no clean-up of any kind) after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DieMidWrite(AtomicCheckpointIO):
+    """afpt's checkpoint writer that, at step ``step``, writes half the file under its temporary name and then
+    dies by SIGKILL: a kill during the checkpoint write."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if checkpoint["global_step"] != self.step:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+        tmp.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SleepEachStep(pl.Callback):
+    """Sleep after every training step: a run slow enough for a test to signal it mid-fit (weights unchanged)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)

@@ -51,6 +51,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if target < len(base):
         raise AfptError(f"adapt.vocab_size={target} is smaller than the model's vocabulary ({len(base)} tokens)")
     langs = list(a.languages or world_languages(cfg.data, "heldout_languages"))
+    if cfg.data.source == "world":
+        known = world_languages(cfg.data, "pretrain_languages") + world_languages(cfg.data, "heldout_languages")
+        unknown = [lang for lang in langs if lang not in known]
+        if unknown:
+            raise AfptError(f"adapt.languages {unknown} are not world languages; expected some of {known}")
     pl.seed_everything(cfg.seed, workers=True)
     corpus = load_corpus(cfg.data, langs)
     missing = [lang for lang in langs if len(corpus.validation.get(lang, [])) == 0]
