@@ -23,6 +23,7 @@ from afpt.data.tokenizer import train_tokenizer
 from afpt.errors import AfptError
 from afpt.io import atomic_save, clean_stale
 from afpt.models import save_model_dir
+from afpt.runs import HOLDER_NAME, LOCK_NAME
 
 FAST = [
     *TINY,
@@ -147,7 +148,6 @@ def automap_model(tmp_path: Path, model_type: str) -> Path:
         ("steps", ["trainer.max_steps=0"]),
         ("typo", ["forgetting", "evry"]),
         ("gpu", ["accelerator=gpu"]),
-        ("block", ["data.block_size=128", "64 positions"]),
         ("languages", ["adapt.languages ['zz']"]),
         ("decoy", ["model.safetensors", "not a readable safetensors file"]),
         ("automap", ["model_type='evilnet'", "trust_remote_code"]),
@@ -170,7 +170,6 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(tmp_path, monkeypatch, caps
         "steps": ["trainer.max_steps=0"],
         "typo": ["+forgetting.evry=3"],
         "gpu": ["trainer.accelerator=gpu"],
-        "block": ["data.block_size=128"],
         "languages": ["stage=adapt", "adapt.languages=[zz]"],
         "decoy": ["stage=adapt", f"init_from={decoy}"],
         "automap": ["stage=adapt", f"init_from={automap_model(tmp_path, 'evilnet')}"],
@@ -192,17 +191,15 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_a_second_writer_of_a_run_is_refused_naming_the_holder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / "same"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"from pathlib import Path; from afpt.runs import acquire; acquire(Path({str(run_dir)!r})); "
-            "print('held', flush=True); input()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+    # The holder takes the lock the way afpt does (an OS file lock and a note of who holds it), without
+    # importing torch: the test pays for one process start, not for a training run.
+    script = (
+        "import json, os, socket, sys; from filelock import FileLock; "
+        f"d = {str(run_dir)!r}; os.makedirs(d); lock = FileLock(os.path.join(d, {LOCK_NAME!r})); lock.acquire(); "
+        f"open(os.path.join(d, {HOLDER_NAME!r}), 'w').write(json.dumps("
+        "{'pid': os.getpid(), 'host': socket.gethostname(), 'started': 'now'})); print('held', flush=True); input()"
     )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         code, err = afpt_cli(capsys, *FAST, "name=same")

@@ -135,7 +135,7 @@ BAD_INPUTS = [
     (["model.family=bert"], "model.family='bert' is unknown"),
     (["data=files", "data.files=/nonexistent/corpus.txt"], "does not exist"),
     (["model.vocab_size=100"], "smaller than the 4 special tokens"),
-    (["data.block_size=100000"], "too small for one block"),
+    (["data.block_size=100000"], "longer than the model's 64 positions"),
     (["init_from=/tmp"], "not a model directory"),
     (["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
     (["data.mixture={zz: 1.0}"], "data.mixture names languages"),
