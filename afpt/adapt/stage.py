@@ -32,6 +32,7 @@ from afpt.io import write_json
 from afpt.models import check_model_dir, load_model, on_eval_device, save_model_dir
 from afpt.plots import plot_run_curves
 from afpt.pretrain.module import CausalLMModule
+from afpt.speed.throughput import TokenThroughput
 from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, to_dict
 
 
@@ -120,6 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "tokens_seen": trainer.global_step * tokens_per_step * trainer.world_size,
         "train_time_s": round(train_time, 2),
+        "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
         "before": before,
         "after": after,
     }

@@ -1,0 +1,120 @@
+"""Adaptation against pretraining, tokens/s of the same model measured in one process.
+
+For each model: ``afpt stage=pretrain`` for ``--steps`` steps (compiled on CUDA, forgetting on), then
+``afpt stage=adapt`` of the model it saved for the same number of steps at the same batch and sequence
+length (the default policy: the body frozen, so its weight-gradient GEMMs are not run; compiled on CUDA
+by default). Both stages read the embedded world; the embedding is the tokenizer's (padded to 64), so
+the adapted model's is larger (the merged vocabulary), which costs adaptation, not pretraining. Prints a
+table and writes the rows as JSON to ``--out`` (default: $OUT or benchmarks/).
+
+    python benchmarks/stages.py --models llama_124m mistral_400m --steps 200 --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+from record import device_name, print_table, write_record
+
+import afpt.adapt.stage as adapt
+import afpt.pretrain.stage as pretrain
+
+
+def config(overrides: list[str], run_dir: str):
+    """The composed afpt config with ``overrides``, writing to ``run_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="afpt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.run_dir = run_dir
+        cfg.paths.store_dir = str(Path(run_dir) / "store")
+    return cfg
+
+
+def measure(model: str, steps: int, batch: int, seq: int, extra: list[str]) -> list[dict]:
+    """Pretrain then adapt ``model``; one row per stage."""
+    common = [
+        f"model={model}",
+        "trainer=gpu" if torch.cuda.is_available() else "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=2",
+        "logger=none",
+        "callbacks.model_checkpoint=null",
+        f"callbacks.throughput.window={max(10, steps // 5)}",
+        f"data.block_size={seq}",
+        f"data.batch_size={batch}",
+        "data.world.train_docs_per_language=4000",
+        "data.world.val_docs_per_language=200",
+        "data.num_workers=4",
+        *extra,
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        pre_dir, ada_dir = str(Path(root) / "pretrain"), str(Path(root) / "adapt")
+        cfg = config([*common, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"], pre_dir)
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        metrics = pretrain.run(cfg)
+        rows.append(row(model, "pretrain", metrics, time.perf_counter() - start))
+        cfg = config(
+            [
+                *common,
+                f"init_from={pre_dir}/model",
+                f"adapt.token_budget={steps * batch * seq}",
+                f"adapt.val_every_n_steps={steps}",
+                "adapt.eval_docs=20",
+            ],
+            ada_dir,
+        )
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        metrics = adapt.run(cfg)
+        rows.append(row(model, "adapt", metrics, time.perf_counter() - start))
+    rows[1]["x_pretrain"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+def row(model: str, stage: str, metrics: dict, wall: float) -> dict:
+    """One table row from a stage's metrics."""
+    throughput = metrics.get("throughput", {})
+    return {
+        "model": model,
+        "stage": stage,
+        "steps": metrics["global_step"],
+        "tokens_per_s": throughput.get("tokens_per_s"),
+        "step_ms": throughput.get("step_ms"),
+        "recompiles_after_warmup": throughput.get("recompiles_after_warmup"),
+        "graph_breaks": throughput.get("graph_breaks"),
+        "frozen_unchanged": metrics.get("frozen_unchanged"),
+        "x_pretrain": 1.0 if stage == "pretrain" else None,
+        "fit_s": metrics["train_time_s"],
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["llama_124m"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both stages")
+    args = parser.parse_args()
+    rows: list[dict] = []
+    for model in args.models:
+        rows += measure(model, args.steps, args.batch, args.seq, args.overrides)
+        write_record(Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json", args, rows)
+    print_table(rows, ["model", "stage", "steps", "tokens_per_s", "step_ms", "x_pretrain", "recompiles_after_warmup"])
+
+
+if __name__ == "__main__":
+    main()
