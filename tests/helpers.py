@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -140,6 +141,41 @@ def run_afpt(*args: str, timeout: float = 600, **kwargs) -> subprocess.Completed
     return subprocess.run(
         [sys.executable, "-m", "afpt", *args], capture_output=True, text=True, timeout=timeout, **kwargs
     )
+
+
+def afpt_cli(capsys, *args: str) -> tuple[int, str]:
+    """The ``afpt`` command run in this process (as the console script runs it): (exit status, stderr)."""
+    from afpt.cli import main
+
+    GlobalHydra.instance().clear()
+    argv, root = sys.argv, logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    sys.argv = ["afpt", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    finally:  # Hydra configured logging for its run (files in the run dir, the captured streams): undo it
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers, root.level = handlers, level
+        for name in ("afpt", "lightning", "lightning.pytorch"):
+            logging.getLogger(name).handlers = []
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit 2, one ``afpt: error:`` line that holds every needle, and no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("afpt: error:")]
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1, err[-2000:]
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
 
 
 # A ChatML conversation with every role, shared by the instruct tests.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import resource
 import signal
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, run_afpt, tiny_llama
-from hydra.core.global_hydra import GlobalHydra
+from helpers import TINY, afpt_cli, assert_one_line_error, run_afpt, tiny_llama
 from safetensors.torch import load_file
 
 from afpt.data.sources import corpus_parts
@@ -31,41 +29,6 @@ FAST = [
     "trainer.val_check_interval=2",
     "callbacks.model_checkpoint.every_n_train_steps=2",
 ]
-
-
-def afpt_cli(capsys, *args: str) -> tuple[int, str]:
-    """The ``afpt`` command run in this process (as the console script runs it): (exit status, stderr)."""
-    from afpt.cli import main
-
-    GlobalHydra.instance().clear()
-    argv, root = sys.argv, logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    sys.argv = ["afpt", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    finally:  # Hydra configured logging for its run (files in the run dir, the captured streams): undo it
-        sys.argv = argv
-        GlobalHydra.instance().clear()
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers, root.level = handlers, level
-        for name in ("afpt", "lightning", "lightning.pytorch"):
-            logging.getLogger(name).handlers = []
-    return code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    """Exit 2, one ``afpt: error:`` line that holds every needle, and no traceback."""
-    lines = [line for line in err.splitlines() if line.startswith("afpt: error:")]
-    assert code == 2, err[-2000:]
-    assert len(lines) == 1, err[-2000:]
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture
