@@ -50,7 +50,13 @@ def is_rank_zero() -> bool:
     return all(os.environ.get(var, "0") == "0" for var in RANK_VARIABLES)
 
 
+# Run directories this process created (before Hydra did): only these are removed after bad input.
+CREATED: set[Path] = set()
+
+
 def _probe_writable(folder: Path) -> None:
+    if not folder.exists():
+        CREATED.add(folder.resolve())
     folder.mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=folder).close()
 
@@ -85,9 +91,11 @@ class RunDirGuard(Callback):
 
 
 def is_fresh(run_dir: Path) -> bool:
-    """True when ``run_dir`` holds nothing but what Hydra and the lock put there at start (a new run)."""
+    """True when this process created ``run_dir`` and it holds nothing but what Hydra and the lock put there."""
     if not run_dir.is_dir():
         return True
+    if run_dir.resolve() not in CREATED:
+        return False
     return all(p.name in RUN_BOOKKEEPING or p.suffix == ".log" for p in run_dir.iterdir())
 
 
