@@ -171,10 +171,12 @@ def _first_missing(paths: Sequence[str], field_name: str) -> str:
             continue
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if record.get(field_name) is None:
-                        return f"{path} line {number}"
+                try:  # a .json file may be one array rather than a record per line
+                    record = json.loads(line) if line.strip() else {field_name: ""}
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get(field_name) is None:
+                    return f"{path} line {number}"
     return str(list(paths))
 
 
