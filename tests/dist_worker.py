@@ -61,11 +61,15 @@ class SeedPerRank(ActiveForgetting):
         self.seed = trainer.global_rank
 
 
-def main(out: Path, strategy: str, mismatch: bool, compile: bool, fraction: float = 1.0) -> None:
+def main(
+    out: Path, strategy: str, mismatch: bool, compile: bool, fraction: float = 1.0, row_probability: float | None = None
+) -> None:
     pl.seed_everything(0)
     if compile:  # 4 layers against a limit of 2: each must still run compiled (afpt raises the limit)
         torch._dynamo.config.recompile_limit = 2
-    forgetting = (SeedPerRank if mismatch else ActiveForgetting)(every_n_steps=2, check_sync=True, fraction=fraction)
+    forgetting = (SeedPerRank if mismatch else ActiveForgetting)(
+        every_n_steps=2, check_sync=True, fraction=fraction, row_probability=row_probability
+    )
     trainer = quiet_trainer(
         devices=2,
         strategy=STRATEGIES[strategy](),
@@ -96,4 +100,5 @@ if __name__ == "__main__":
         mismatch="mismatch" in sys.argv[3:],
         compile="compile" in sys.argv[3:],
         fraction=0.25 if "partial" in sys.argv[3:] else 1.0,
+        row_probability=0.3 if "probabilistic" in sys.argv[3:] else None,
     )

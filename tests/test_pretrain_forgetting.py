@@ -246,7 +246,42 @@ def test_the_model_is_saved_at_the_end_of_each_episode(tmp_path):
     assert torch.equal(saved.get_input_embeddings().weight, before[4]["emb"])  # the trained rows, not the reset
 
 
-@pytest.mark.parametrize("bad", [{"fraction": 0.0}, {"fraction": 1.5}, {"stop_after_steps": 0}])
+def test_probabilistic_reset_redraws_each_row_with_its_probability_until_it_stops():
+    from afpt.pretrain.forgetting import reset_rows
+
+    module = CausalLMModule(tiny_llama(tied=True), lr=1e-2)
+    forgetting = ActiveForgetting(every_n_steps=2, row_probability=0.3, stop_after_steps=5, seed=3, pad_token_id=None)
+    _, before, after = run_with_snapshots(module, forgetting, max_steps=8)
+    assert [h["step"] for h in forgetting.history] == [2, 4]
+    drawn = [reset_rows(96, 1.0, 3, i, row_probability=0.3) for i in (1, 2)]
+    assert [h["rows"] for h in forgetting.history] == [len(r) for r in drawn]
+    assert len(drawn[0]) != len(drawn[1]) or not torch.equal(drawn[0], drawn[1])  # a fresh draw per reset
+    counts = [len(reset_rows(96, 1.0, 3, i, row_probability=0.3)) for i in range(1, 201)]
+    assert abs(sum(counts) / len(counts) - 0.3 * 96) < 1.0  # Bernoulli(0.3) per row: mean 28.8 rows
+    for step, rows in zip((2, 4), drawn):
+        b, a = before[step], after[step]
+        kept = torch.ones(96, dtype=torch.bool)
+        kept[rows] = False
+        expected = expected_reset((96, 32), 3, step // 2, "embedding", 0.02, pad=None)
+        assert torch.equal(a["emb"][kept], b["emb"][kept])
+        assert torch.equal(a["emb"][rows], expected[rows])
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = a["state"][b["emb_name"]][key]
+            assert torch.equal(state[kept], b["state"][b["emb_name"]][key][kept]) and not state[rows].any()
+    assert torch.equal(before[6]["emb"], after[6]["emb"])  # stopped: no reset at step 6
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"fraction": 0.0},
+        {"fraction": 1.5},
+        {"stop_after_steps": 0},
+        {"row_probability": 0.0},
+        {"row_probability": 2},
+        {"row_probability": 0.5, "fraction": 0.5},
+    ],
+)
 def test_bad_variant_options_are_one_clear_error(bad):
     with pytest.raises(AfptError, match=f"forgetting.{next(iter(bad))} must be"):
         ActiveForgetting(every_n_steps=2, **bad)

@@ -56,13 +56,18 @@ def test_every_rank_holds_the_seeded_embedding_and_zero_state_after_each_reset(t
         assert torch.load(tmp_path / f"history{rank}.pt", weights_only=True)["verified"] == [True, True]
 
 
-def test_a_partial_reset_draws_the_same_rows_and_values_on_every_ddp_rank(tmp_path):
+@pytest.mark.parametrize(
+    ("mode", "fraction", "row_probability"),
+    [("partial", 0.25, None), pytest.param("probabilistic", 1.0, 0.3, marks=pytest.mark.slow)],
+)
+def test_a_partial_reset_draws_the_same_rows_and_values_on_every_ddp_rank(tmp_path, mode, fraction, row_probability):
     from afpt.pretrain.forgetting import reset_rows
 
-    result = run_worker(tmp_path, "ddp", "partial")
+    result = run_worker(tmp_path, "ddp", mode)
     assert result.returncode == 0, result.stderr[-3000:]
     for step in (2, 4):
-        rows = reset_rows(96, 0.25, 0, step // 2)
+        rows = reset_rows(96, fraction, 0, step // 2, row_probability)
+        assert 0 < len(rows) < 96
         fresh = torch.empty(96, 32)
         generator = torch.Generator().manual_seed(reset_seed(0, step // 2, "embedding"))
         reinitialize_(fresh, generator, "normal", 0.02, pad_token_id=0)

@@ -74,12 +74,20 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: list[torch.
                 state[key] = type(value)(0)
 
 
-def reset_rows(n_rows: int, fraction: float, seed: int, reset_index: int) -> torch.Tensor | None:
-    """The rows one partial reset re-initialises: ``round(fraction * n_rows)`` rows drawn from the reset's own
-    generator (the same on every rank and after a resume), sorted; None for a full reset."""
+def reset_rows(
+    n_rows: int, fraction: float, seed: int, reset_index: int, row_probability: float | None = None
+) -> torch.Tensor | None:
+    """The rows one reset re-initialises, sorted, drawn from the reset's own generator (the same on every rank
+    and after a resume); None for a full reset.
+
+    ``fraction`` < 1: exactly ``round(fraction * n_rows)`` rows. ``row_probability``: each row independently
+    with that probability (a Bernoulli draw per row, so the count varies from reset to reset).
+    """
+    generator = torch.Generator().manual_seed(reset_seed(seed, reset_index, "rows"))
+    if row_probability is not None:
+        return torch.nonzero(torch.rand(n_rows, generator=generator) < row_probability).flatten()
     if fraction >= 1.0:
         return None
-    generator = torch.Generator().manual_seed(reset_seed(seed, reset_index, "rows"))
     return torch.randperm(n_rows, generator=generator)[: round(fraction * n_rows)].sort().values
 
 
@@ -104,6 +112,7 @@ def check_options(
     episode_decay: str,
     stop_after_steps: int | None = None,
     fraction: float = 1.0,
+    row_probability: float | None = None,
 ) -> None:
     """One clear error, naming the ``forgetting.*`` key, for an option ``ActiveForgetting`` cannot use."""
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
@@ -124,6 +133,16 @@ def check_options(
         raise AfptError(f"forgetting.stop_after_steps must be null or a positive integer, got {stop_after_steps!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise AfptError(f"forgetting.fraction must be in (0, 1], got {fraction!r}")
+    if row_probability is not None:
+        if isinstance(row_probability, bool) or not isinstance(row_probability, (int, float)):
+            raise AfptError(f"forgetting.row_probability must be null or in (0, 1], got {row_probability!r}")
+        if not 0 < row_probability <= 1:
+            raise AfptError(f"forgetting.row_probability must be null or in (0, 1], got {row_probability!r}")
+        if fraction < 1:
+            raise AfptError(
+                "forgetting.row_probability must be null when forgetting.fraction < 1: they are two ways to pick "
+                f"the reset rows, set one (got fraction={fraction!r}, row_probability={row_probability!r})"
+            )
 
 
 class ActiveForgetting(Callback):
@@ -155,9 +174,14 @@ class ActiveForgetting(Callback):
         fraction: share of the embedding rows a reset re-initialises (``round(fraction * rows)`` rows
             drawn from the reset's generator; the other rows and their optimizer state stay bit for bit);
             1: the whole matrix. Below 1 it runs on one device or under DDP.
+        row_probability: probabilistic forgetting (Anand et al. 2024): at each reset every embedding row is
+            re-initialised independently with this probability (drawn from the reset's generator, so the same
+            rows on every rank and after a resume); the others and their optimizer state stay bit for bit.
+            None: off. Exclusive with ``fraction`` < 1; combine with ``stop_after_steps`` for the paper's
+            probabilistic *temporary* forgetting.
         save_before_reset: write the model (and the datamodule's tokenizer) as a Hugging Face directory
             ``<default_root_dir>/episodes/step<N>/`` just before the reset at step N: the end of an episode.
-        label: the variant's name in reports (``every_k``, ``temporary``, ``partial``).
+        label: the variant's name in reports (``every_k``, ``temporary``, ``partial``, ``probabilistic``).
 
     ``history`` holds one dict per reset: ``step``, ``reset_index``, ``rows`` (how many rows were reset), ``loss_before`` / ``loss_after``
     (the losses of the steps around it), ``duration_ms`` (GPU time from CUDA events on CUDA, wall time
@@ -183,13 +207,23 @@ class ActiveForgetting(Callback):
         fraction: float = 1.0,
         save_before_reset: bool = False,
         label: str = "every_k",
+        row_probability: float | None = None,
     ) -> None:
         super().__init__()
         check_options(
-            every_n_steps, init, std, head, episode_warmup_fraction, episode_decay, stop_after_steps, fraction
+            every_n_steps,
+            init,
+            std,
+            head,
+            episode_warmup_fraction,
+            episode_decay,
+            stop_after_steps,
+            fraction,
+            row_probability,
         )
         self.stop_after_steps = stop_after_steps
         self.fraction = float(fraction)
+        self.row_probability = None if row_probability is None else float(row_probability)
         self.save_before_reset = save_before_reset
         self.label = label
         self.every_n_steps = every_n_steps
@@ -215,11 +249,17 @@ class ActiveForgetting(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse strategies whose parameters this callback cannot address (DeepSpeed, FSDP without orig params),
         and sharded models for partial resets and episode saves."""
-        if layout(trainer) != "replicated" and (self.fraction < 1 or self.save_before_reset):
+        if layout(trainer) != "replicated" and (self.rows_subset or self.save_before_reset):
             raise AfptError(
-                "forgetting.fraction < 1 and forgetting.save_before_reset run on one device or under DDP: "
+                "forgetting.fraction < 1, forgetting.row_probability and forgetting.save_before_reset run on one "
+                "device or under DDP: "
                 f"{type(trainer.strategy).__name__} shards the embedding"
             )
+
+    @property
+    def rows_subset(self) -> bool:
+        """Whether a reset re-initialises a subset of the rows (partial or probabilistic) rather than all."""
+        return self.fraction < 1 or self.row_probability is not None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check the head policy against the model (built by now, also when ``configure_model`` builds it)."""
@@ -287,7 +327,7 @@ class ActiveForgetting(Callback):
         """
         model = find_model(pl_module)
         n_rows = model.get_input_embeddings().weight.shape[0]
-        rows = reset_rows(n_rows, self.fraction, self.seed, reset_index)
+        rows = reset_rows(n_rows, self.fraction, self.seed, reset_index, self.row_probability)
         with full_parameters(trainer, writeback=True):
             params = self.reset_parameters(pl_module)
             values = [self._fresh_value(p, n, reset_index, model) for n, p in zip(RESET_NAMES, params)]

@@ -40,6 +40,18 @@ def headline(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> 
     return out
 
 
+def _forgetting(forgetting: DictConfig) -> str:
+    """The AF arm's forgetting in words: its variant, K, and the options that make it that variant."""
+    words = f"forgetting `{forgetting.get('label', 'every_k')}` every {forgetting.get('every_n_steps')} steps"
+    if forgetting.get("stop_after_steps") is not None:
+        words += f" until step {forgetting.stop_after_steps}"
+    if forgetting.get("row_probability") is not None:
+        words += f", each row with probability {forgetting.row_probability}"
+    elif forgetting.get("fraction", 1.0) < 1:
+        words += f", {forgetting.fraction:g} of the rows"
+    return words
+
+
 def _image(report: Path, path: Path, alt: str) -> list[str]:
     """A Markdown image line for a plot a stage wrote (relative to the report), if it exists."""
     return [f"![{alt}]({os.path.relpath(path, report)})", ""] if path.is_file() else []
@@ -52,7 +64,7 @@ def write_report(study: Path, results: dict[str, dict[str, Any]], evaluation: di
     lines = [
         "# afpt study: active forgetting vs baseline",
         "",
-        f"Model `{cfg.model.name}`, seed {cfg.seed}, forgetting every {cfg.forgetting.get('every_n_steps')} steps, "
+        f"Model `{cfg.model.name}`, seed {cfg.seed}, {_forgetting(cfg.forgetting)}, "
         f"{results['pretrain_af']['global_step']} pretraining steps, adaptation to "
         f"{', '.join(results['adapt_af']['languages'])} ({cfg.adapt.init} init, {cfg.adapt.policy}).",
         "",
