@@ -176,3 +176,48 @@ def test_pinning_an_sdpa_kernel_on_a_flex_model_is_refused():
     model.set_attn_implementation("flex_attention")
     with pytest.raises(AfptError, match="optim.sdpa_backend='math' pins a kernel of sdpa attention"):
         fit(CausalLMModule(model, sdpa_backend="math"), [], max_steps=1)
+
+
+def fp8_run(fp8):
+    from afpt import ActiveForgetting
+
+    losses = []
+
+    class Losses(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    module = CausalLMModule(tiny_llama(tied=False, layers=2), lr=1e-2, fp8=fp8, compile=False)
+    forgetting = ActiveForgetting(every_n_steps=3, head="never")
+    fit(module, [forgetting, Losses()], max_steps=6)
+    return module, forgetting, losses
+
+
+def test_fp8_trains_the_decoder_linears_in_float8_and_leaves_embedding_and_head_to_forgetting():
+    pytest.importorskip("torchao")
+    from torchao.float8.float8_linear import Float8Linear
+
+    module, forgetting, losses = fp8_run("emulate")
+    model = module.model
+    converted = sorted(n for n, m in model.named_modules() if isinstance(m, Float8Linear))
+    assert len(converted) == 2 * 7 and all(n.startswith("model.layers.") for n in converted)  # q k v o gate up down
+    assert not isinstance(model.lm_head, Float8Linear)
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    assert [h["step"] for h in forgetting.history] == [3]
+    _, _, reference = fp8_run(False)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # Emulated float8 rounds the GEMM inputs to e4m3/e5m2: close to the full-precision run, not equal.
+    assert losses != reference and abs(losses[-1] - reference[-1]) < 0.05 * reference[-1]
+
+
+def test_fp8_is_refused_without_an_fp8_gpu_and_on_models_it_cannot_convert():
+    pytest.importorskip("torchao")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    with pytest.raises(AfptError, match="optim.fp8=true needs a CUDA GPU with FP8 support; the trainer runs on cpu"):
+        fit(CausalLMModule(tiny_llama(tied=True), fp8=True), [], max_steps=1)
+    with pytest.raises(AfptError, match="optim.fp8 must be false, true or 'emulate'"):
+        CausalLMModule(tiny_llama(tied=True), fp8="yes")
+    with pytest.raises(AfptError, match="GPT-2 uses Conv1D"):
+        fit(CausalLMModule(gpt2, fp8="emulate"), [], max_steps=1)

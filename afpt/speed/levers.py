@@ -1,7 +1,8 @@
 """The performance levers of ``CausalLMModule``: checked at construction, applied in ``configure_model``.
 
 Compile (one graph from tokens to loss for ``loss=hf``), the afpt_sdpa attention and rotary tables, a pinned
-sdpa kernel, liger-kernel losses, activation checkpointing and FSDP2 sharding. benchmarks/README.md
+sdpa kernel, liger-kernel losses, activation checkpointing, FP8 training of the decoder layers (torchao) and
+FSDP2 sharding. benchmarks/README.md
 measures each of them.
 """
 
@@ -22,6 +23,9 @@ from afpt.speed.attention import CAUSAL_SDPA, use_rotary_tables
 from afpt.speed.distributed import decoder_layers, fully_shard_model, layout
 
 LOSSES = ("hf", "liger_ce", "fused_linear_ce")
+FP8_MODES = (False, True, "emulate")
+# Tensor-core FP8 GEMMs (torch._scaled_mm): Ada (8.9) and Hopper (9.0) on.
+FP8_MIN_CAPABILITY = (8, 9)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -37,8 +41,13 @@ def check_levers(
     compile_mode: str,
     compile_options: Mapping[str, Any] | None,
     sdpa_backend: str | None,
+    fp8: bool | str = False,
 ) -> None:
     """One clear error for a lever setting that cannot work, before any training starts."""
+    if fp8 not in FP8_MODES or (fp8 == 1 and not isinstance(fp8, bool)):
+        raise AfptError(f"optim.fp8 must be false, true or 'emulate', got {fp8!r}")
+    if fp8 and importlib.util.find_spec("torchao") is None:
+        raise AfptError("optim.fp8 needs torchao: pip install 'torchao==0.18.0' (or pip install -e '.[fp8]')")
     if loss not in LOSSES:
         raise AfptError(f"optim.loss must be one of {LOSSES}, got {loss!r}")
     if loss != "hf" and importlib.util.find_spec("liger_kernel") is None:
@@ -80,9 +89,52 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def fp8_linears(model: nn.Module) -> set[int]:
+    """The ids of the ``nn.Linear`` modules FP8 training converts: those inside the decoder layers whose
+    dimensions are multiples of 16 (what ``torch._scaled_mm`` takes). The embedding and the head stay bf16."""
+    return {
+        id(m)
+        for layer in decoder_layers(model)
+        for m in layer.modules()
+        if isinstance(m, nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0
+    }
+
+
+def convert_to_fp8(model: nn.Module, mode: bool | str, device: torch.device) -> int:
+    """Swap the decoder layers' linears for torchao's ``Float8Linear`` (tensorwise scaling, dynamic casts);
+    ``mode='emulate'`` runs the casts in emulation (any device, slow: for tests). Returns how many were swapped.
+
+    Refuses, with one clear error, a device without FP8 tensor cores and a model with nothing to convert.
+    """
+    if mode != "emulate":
+        if device.type != "cuda":
+            raise AfptError(f"optim.fp8=true needs a CUDA GPU with FP8 support; the trainer runs on {device.type}")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_CAPABILITY:
+            raise AfptError(
+                f"optim.fp8=true needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper or newer); "
+                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
+            )
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    chosen = fp8_linears(model)
+    if not chosen:
+        raise AfptError(
+            f"optim.fp8: {type(model).__name__} has no nn.Linear with dimensions divisible by 16 in its decoder "
+            "layers (GPT-2 uses Conv1D): nothing to train in FP8"
+        )
+    convert_to_float8_training(
+        model, module_filter_fn=lambda m, _: id(m) in chosen, config=Float8LinearConfig(emulate=mode == "emulate")
+    )
+    return len(chosen)
+
+
 def apply_levers(module: Any, compiles: bool) -> None:
-    """Apply ``module``'s levers to ``module.model`` (once each): attention, losses, checkpointing, FSDP2, compile."""
+    """Apply ``module``'s levers to ``module.model`` (once each): attention, losses, checkpointing, FP8, FSDP2,
+    compile."""
     hp, model = module.hparams, module.model
+    if hp.get("fp8") and not getattr(module, "_fp8", False):
+        module._fp8 = convert_to_fp8(model, hp.fp8, module.trainer.strategy.root_device)
     if hp.rotary_tables:
         use_rotary_tables(model)
     attention = getattr(model.config, "_attn_implementation", None)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The forgetting-variants sweep of experiments/forgetting_variants.md as parallel single jobs, one CPU
+# thread each: the same jobs as
+#   afpt -m stage=pipeline forgetting=every_k,temporary,partial,probabilistic seed=0,1,2 pipeline.instruct=false
+# on a machine with >= 12 cores. Usage: experiments/forgetting_variants.sh OUT_DIR [extra overrides...]
+# Each job runs in OUT_DIR/<variant>_s<seed>/; the summary table goes to OUT_DIR/summary.md.
+set -uo pipefail
+out=$(realpath -m "$1"); shift
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+for v in every_k temporary partial probabilistic; do
+  for s in 0 1 2; do
+    mkdir -p "$out/work/${v}_s$s"
+    (cd "$out/work/${v}_s$s" && afpt stage=pipeline "forgetting=$v" "seed=$s" pipeline.instruct=false \
+      trainer=cpu name=job "$@" > log.txt 2>&1; echo "$v seed $s: exit $?") &
+  done
+done
+wait
+for job in "$out"/work/*/runs/job; do
+  name=$(basename "$(dirname "$(dirname "$job")")")
+  mkdir -p "$out/$name/.hydra" && cp "$job/metrics.json" "$out/$name/" 2>/dev/null
+  cp "$job/.hydra/overrides.yaml" "$out/$name/.hydra/" && cp -r "$job/report" "$out/$name/" 2>/dev/null
+done
+afpt-summary "$out"
