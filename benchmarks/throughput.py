@@ -13,7 +13,7 @@ A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`
 ``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs),
 ``cdt`` / ``twopass`` (inductor's coordinate_descent_tuning / online_softmax=false, through
 optim.compile_options),
-``flex`` (model.attn_implementation=flex_attention; otherwise afpt's default sdpa, which trains compiled
+``fp8`` (optim.fp8=true: torchao float8 in the decoder layers), ``flex`` (model.attn_implementation=flex_attention; otherwise afpt's default sdpa, which trains compiled
 as ``afpt_sdpa``), ``norope`` (optim.rotary_tables=false), ``auto`` (optim.compile left at afpt's
 default ``auto`` instead of the ``compile`` flag's true / false).
 ``--profile`` adds ``afpt.speed.throughput.KernelBreakdown`` and splits the GPU time of 10 extra steps, run
@@ -37,7 +37,14 @@ from record import device_name, print_table, write_record
 
 import afpt.pretrain.stage as pretrain
 
-VOCAB = {"llama_124m": 50304, "llama_350m": 50304, "gpt2_124m": 50304, "mistral_400m": 32000, "tiny": 4096}
+VOCAB = {
+    "llama_124m": 50304,
+    "llama_350m": 50304,
+    "gpt2_124m": 50304,
+    "mistral_400m": 32000,
+    "mistral_1b6": 32000,
+    "tiny": 4096,
+}
 
 
 SDPA = ("cudnn", "flash", "efficient")
@@ -80,6 +87,7 @@ def run_variant(
         *(["optim.activation_checkpointing=true"] if "ckpt" in flags else []),
         f"model.attn_implementation={'flex_attention' if 'flex' in flags else 'sdpa'}",
         *(["optim.rotary_tables=false"] if "norope" in flags else []),
+        *(["optim.fp8=true"] if "fp8" in flags else []),
         *(["optim.compile_mode=reduce-overhead"] if "cudagraphs" in flags else []),
         *(["optim.compile_mode=max-autotune-no-cudagraphs"] if "autotune" in flags else []),
         *([f"optim.compile_options={{{','.join(options)}}}"] if options else []),
@@ -108,6 +116,7 @@ def run_variant(
         "variant": variant,
         "params_M": metrics["parameters"]["total"] / 1e6,
         "steps": steps,
+        "val_loss": metrics.get("val/loss"),
         "tokens_per_s": metrics["throughput"].get("tokens_per_s"),
         "mfu": metrics["throughput"].get("mfu"),
         "step_ms": metrics["throughput"].get("step_ms"),
