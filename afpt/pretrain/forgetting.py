@@ -134,9 +134,11 @@ def check_options(
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise AfptError(f"forgetting.fraction must be in (0, 1], got {fraction!r}")
     if row_probability is not None:
-        if isinstance(row_probability, bool) or not isinstance(row_probability, (int, float)):
-            raise AfptError(f"forgetting.row_probability must be null or in (0, 1], got {row_probability!r}")
-        if not 0 < row_probability <= 1:
+        if (
+            isinstance(row_probability, bool)
+            or not isinstance(row_probability, (int, float))
+            or not 0 < row_probability <= 1
+        ):
             raise AfptError(f"forgetting.row_probability must be null or in (0, 1], got {row_probability!r}")
         if fraction < 1:
             raise AfptError(

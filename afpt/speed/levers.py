@@ -23,7 +23,6 @@ from afpt.speed.attention import CAUSAL_SDPA, use_rotary_tables
 from afpt.speed.distributed import decoder_layers, fully_shard_model, layout
 
 LOSSES = ("hf", "liger_ce", "fused_linear_ce")
-FP8_MODES = (False, True, "emulate")
 # Tensor-core FP8 GEMMs (torch._scaled_mm): Ada (8.9) and Hopper (9.0) on.
 FP8_MIN_CAPABILITY = (8, 9)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -44,10 +43,10 @@ def check_levers(
     fp8: bool | str = False,
 ) -> None:
     """One clear error for a lever setting that cannot work, before any training starts."""
-    if fp8 not in FP8_MODES or (fp8 == 1 and not isinstance(fp8, bool)):
+    if not (isinstance(fp8, bool) or fp8 == "emulate"):
         raise AfptError(f"optim.fp8 must be false, true or 'emulate', got {fp8!r}")
     if fp8 and importlib.util.find_spec("torchao") is None:
-        raise AfptError("optim.fp8 needs torchao: pip install 'torchao==0.18.0' (or pip install -e '.[fp8]')")
+        raise AfptError("optim.fp8 needs torchao: pip install -e '.[fp8]' (torchao 0.18)")
     if loss not in LOSSES:
         raise AfptError(f"optim.loss must be one of {LOSSES}, got {loss!r}")
     if loss != "hf" and importlib.util.find_spec("liger_kernel") is None:
