@@ -3,6 +3,8 @@
 # thread each: the same jobs as
 #   afpt -m stage=pipeline forgetting=every_k,temporary,partial,probabilistic seed=0,1,2 pipeline.instruct=false
 # on a machine with >= 12 cores. Usage: experiments/forgetting_variants.sh OUT_DIR [extra overrides...]
+# TRAINER (default "trainer=cpu") holds the trainer overrides, e.g. TRAINER="trainer=gpu trainer.precision=32-true
+# optim.compile=false" runs the 12 jobs side by side on one GPU.
 # Each job runs in OUT_DIR/<variant>_s<seed>/; the summary table goes to OUT_DIR/summary.md.
 set -uo pipefail
 out=$(realpath -m "$1"); shift
@@ -11,7 +13,7 @@ for v in every_k temporary partial probabilistic; do
   for s in 0 1 2; do
     mkdir -p "$out/work/${v}_s$s"
     (cd "$out/work/${v}_s$s" && afpt stage=pipeline "forgetting=$v" "seed=$s" pipeline.instruct=false \
-      trainer=cpu name=job "$@" > log.txt 2>&1; echo "$v seed $s: exit $?") &
+      ${TRAINER:-trainer=cpu} name=job "$@" > log.txt 2>&1; echo "$v seed $s: exit $?") &
   done
 done
 wait
