@@ -209,14 +209,15 @@ def untied_head(model: torch.nn.Module) -> torch.nn.Module | None:
 def save_model_dir(
     model: PreTrainedModel, tokenizer, path: Path, state_dict: dict[str, torch.Tensor] | None = None
 ) -> Path:
-    """Save a model and its tokenizer as one Hugging Face directory, atomically.
+    """Save a model and its tokenizer (if any) as one Hugging Face directory, atomically.
 
     ``state_dict``: the full weights gathered from a sharded model (FSDP); default: the model's own.
     """
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         for name, obj in (("config.json", model), ("tokenizer_config.json", tokenizer)):
             _drop_auto_map(tmp / name, obj)
 

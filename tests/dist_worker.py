@@ -1,4 +1,4 @@
-"""Run by test_distributed.py: two CPU processes (gloo) train with ActiveForgetting under DDP, FSDP or FSDP2.
+"""Run by test_speed_distributed.py: two CPU processes (gloo) train with ActiveForgetting under DDP, FSDP or FSDP2.
 
 After each reset every rank saves the full embedding it sees (gathered through any sharding), its own
 shard of the embedding's optimizer state, and its shard of the embedding parameter.
@@ -62,18 +62,25 @@ class SeedPerRank(ActiveForgetting):
 
 
 def main(
-    out: Path, strategy: str, mismatch: bool, compile: bool, fraction: float = 1.0, row_probability: float | None = None
+    out: Path,
+    strategy: str,
+    mismatch: bool,
+    compile: bool,
+    fraction: float = 1.0,
+    row_probability: float | None = None,
+    episodes: bool = False,
 ) -> None:
     pl.seed_everything(0)
     if compile:  # 4 layers against a limit of 2: each must still run compiled (afpt raises the limit)
         torch._dynamo.config.recompile_limit = 2
     forgetting = (SeedPerRank if mismatch else ActiveForgetting)(
-        every_n_steps=2, check_sync=True, fraction=fraction, row_probability=row_probability
+        every_n_steps=2, check_sync=True, fraction=fraction, row_probability=row_probability, save_before_reset=episodes
     )
     trainer = quiet_trainer(
         devices=2,
         strategy=STRATEGIES[strategy](),
         max_steps=5,
+        default_root_dir=out,
         limit_val_batches=2,
         num_sanity_val_steps=2,  # Lightning's default: the compiled run builds its eval graphs here
         callbacks=[forgetting, SaveEmbeddingAfterReset(out, forgetting)],
@@ -101,4 +108,5 @@ if __name__ == "__main__":
         compile="compile" in sys.argv[3:],
         fraction=0.25 if "partial" in sys.argv[3:] else 1.0,
         row_probability=0.3 if "probabilistic" in sys.argv[3:] else None,
+        episodes="episodes" in sys.argv[3:],
     )

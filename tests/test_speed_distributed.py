@@ -57,16 +57,26 @@ def test_every_rank_holds_the_seeded_embedding_and_zero_state_after_each_reset(t
 
 
 @pytest.mark.parametrize(
-    ("mode", "fraction", "row_probability"),
-    [("partial", 0.25, None), pytest.param("probabilistic", 1.0, 0.3, marks=pytest.mark.slow)],
+    ("strategy", "mode", "fraction", "row_probability"),
+    [
+        ("ddp", "partial", 0.25, None),
+        pytest.param("ddp", "probabilistic", 1.0, 0.3, marks=pytest.mark.slow),
+        pytest.param("fsdp2", "partial", 0.25, None, marks=pytest.mark.slow),
+    ],
 )
-def test_a_partial_reset_draws_the_same_rows_and_values_on_every_ddp_rank(tmp_path, mode, fraction, row_probability):
+def test_a_partial_reset_draws_the_same_rows_and_values_on_every_rank(
+    tmp_path, strategy, mode, fraction, row_probability
+):
+    from safetensors.torch import load_file
+
     from afpt.pretrain.forgetting import reset_rows
 
-    result = run_worker(tmp_path, "ddp", mode)
+    result = run_worker(tmp_path, strategy, mode, "episodes")
     assert result.returncode == 0, result.stderr[-3000:]
     for step in (2, 4):
         rows = reset_rows(96, fraction, 0, step // 2, row_probability)
+        kept = torch.ones(96, dtype=torch.bool)
+        kept[rows] = False
         assert 0 < len(rows) < 96
         fresh = torch.empty(96, 32)
         generator = torch.Generator().manual_seed(reset_seed(0, step // 2, "embedding"))
@@ -74,7 +84,14 @@ def test_a_partial_reset_draws_the_same_rows_and_values_on_every_ddp_rank(tmp_pa
         ranks = [torch.load(tmp_path / f"rank{r}_step{step}.pt", weights_only=True) for r in (0, 1)]
         assert torch.equal(ranks[0]["emb"], ranks[1]["emb"])
         assert torch.equal(ranks[0]["emb"][rows], fresh[rows])
-        assert torch.count_nonzero(ranks[0]["exp_avg"][rows]) == 0 and torch.count_nonzero(ranks[0]["exp_avg"]) > 0
+        # DDP: each rank holds the whole state; FSDP2: rank 0 rows 0-47, rank 1 rows 48-95.
+        exp_avg = ranks[0]["exp_avg"] if strategy == "ddp" else torch.cat([r["exp_avg"] for r in ranks])
+        assert exp_avg.shape == (96, 32)
+        assert torch.count_nonzero(exp_avg[rows]) == 0 and torch.count_nonzero(exp_avg[kept]) > 0
+        # The episode saved just before the reset: the whole matrix, the kept rows as they stayed.
+        episode = load_file(tmp_path / "episodes" / f"step{step}" / "model.safetensors")["model.embed_tokens.weight"]
+        assert episode.shape == (96, 32) and torch.equal(episode[kept], ranks[0]["emb"][kept])
+        assert not torch.equal(episode[rows], fresh[rows])
     for rank in (0, 1):  # check_sync verified the drawn values and the zeroed rows on both ranks
         assert torch.load(tmp_path / f"history{rank}.pt", weights_only=True)["verified"] == [True, True]
 

@@ -17,10 +17,18 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from afpt.errors import AfptError
-from afpt.io import atomic_save
-from afpt.models import find_model, is_tied
+from afpt.models import find_model, is_tied, save_model_dir
 from afpt.pretrain.schedule import DECAYS, episode_step, lr_factor
-from afpt.speed.distributed import assign_full, full_parameters, full_value, layout, local, verify_reset
+from afpt.speed.distributed import (
+    assign_full,
+    full_model_state_dict,
+    full_parameters,
+    full_value,
+    layout,
+    local,
+    local_rows,
+    verify_reset,
+)
 from afpt.speed.timing import HostCopy, ResetTimer, settle, step_loss
 
 INITS = ("normal", "mean_std")
@@ -96,11 +104,12 @@ def reset_optimizer_rows_(optimizer: torch.optim.Optimizer, params: list[torch.T
     """Zero the rows ``rows`` of every per-element state tensor (Adam's moments) of ``params``, in place.
 
     Per-tensor entries (Adam's ``step``) are left alone: the other rows keep training on the same step count.
+    Under FSDP2 each rank zeroes the reset rows that fall in its own shard.
     """
     for param in params:
         for value in (optimizer.state.get(param) or {}).values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                value[rows.to(value.device)] = 0
+                local(value)[local_rows(value, rows)] = 0
 
 
 def check_options(
@@ -175,7 +184,8 @@ class ActiveForgetting(Callback):
             phase at the end); None: until the last step.
         fraction: share of the embedding rows a reset re-initialises (``round(fraction * rows)`` rows
             drawn from the reset's generator; the other rows and their optimizer state stay bit for bit);
-            1: the whole matrix. Below 1 it runs on one device or under DDP.
+            1: the whole matrix. Below 1 it runs on one device, under DDP or under FSDP2 (each rank zeroes the
+            optimizer state of the reset rows in its own shard); FSDP v1 is refused.
         row_probability: probabilistic forgetting (Anand et al. 2024): at each reset every embedding row is
             re-initialised independently with this probability (drawn from the reset's generator, so the same
             rows on every rank and after a resume); the others and their optimizer state stay bit for bit.
@@ -250,12 +260,11 @@ class ActiveForgetting(Callback):
     # ----------------------------------------------------------------- resolution
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse strategies whose parameters this callback cannot address (DeepSpeed, FSDP without orig params),
-        and sharded models for partial resets and episode saves."""
-        if layout(trainer) != "replicated" and (self.rows_subset or self.save_before_reset):
+        and FSDP (v1) for partial resets: its optimizer state is a flat shard with no rows to address."""
+        if layout(trainer) == "fsdp" and self.rows_subset:
             raise AfptError(
-                "forgetting.fraction < 1, forgetting.row_probability and forgetting.save_before_reset run on one "
-                "device or under DDP: "
-                f"{type(trainer.strategy).__name__} shards the embedding"
+                "forgetting.fraction < 1 and forgetting.row_probability run on one device, under DDP or FSDP2 "
+                "(trainer=fsdp2): FSDP v1 (trainer=fsdp) keeps the optimizer state as flat shards without rows"
             )
 
     @property
@@ -348,18 +357,16 @@ class ActiveForgetting(Callback):
         return n_rows if rows is None else len(rows)
 
     def save_episode(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        """The model as it ends the episode before the reset at ``step``: ``episodes/step<step>/``, atomically."""
+        """The model as it ends the episode before the reset at ``step``: ``episodes/step<step>/``, atomically.
+
+        Every rank calls it: a sharded model's full weights are gathered to rank 0, which writes them."""
+        state_dict = full_model_state_dict(trainer, pl_module)
         if not trainer.is_global_zero:
             return
         tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
-        target = Path(trainer.default_root_dir) / "episodes" / f"step{step}"
-
-        def save(tmp: Path) -> None:
-            find_model(pl_module).save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-
-        atomic_save(save, target)
+        save_model_dir(
+            find_model(pl_module), tokenizer, Path(trainer.default_root_dir) / "episodes" / f"step{step}", state_dict
+        )
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -15,7 +15,7 @@ from afpt.io import metric_csvs, read_json, write_json
 from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model, save_model_dir
 from afpt.plots import plot_loss_with_resets
 from afpt.pretrain.module import CausalLMModule
-from afpt.speed.distributed import full_state_dict, layout
+from afpt.speed.distributed import full_model_state_dict, layout
 from afpt.speed.throughput import TokenThroughput
 from afpt.stages import build_forgetting, build_trainer, check_batches, check_ckpt_path, scalar_metrics, to_dict
 
@@ -78,10 +78,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         **scalar_metrics(trainer),
     }
-    state_dict = full_state_dict(trainer, trainer.strategy.model)  # a collective under FSDP: every rank calls
+    state_dict = full_model_state_dict(trainer, module)  # a collective under FSDP: every rank calls
     if trainer.is_global_zero:
-        if state_dict is not None:
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
         save_model_dir(module.model, tokenizer, run_dir / "model", state_dict)
         write_json(metrics, run_dir / "metrics.json")
         if metric_csvs(run_dir):

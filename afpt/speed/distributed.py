@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from torch import nn
 
 from afpt.errors import AfptError
+from afpt.models import find_model
 
 # Decoder-layer classes of the families afpt builds; each becomes its own FSDP unit.
 DEFAULT_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "GPT2Block")
@@ -213,6 +214,23 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def local_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The indices into ``local(tensor)`` of those global ``rows`` this rank holds: all of them for a whole
+    tensor, the ones inside this rank's row range (shifted to it) for an FSDP2 ``DTensor`` sharded on dim 0."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    rows = rows.to(local(tensor).device)
+    if not isinstance(tensor, DTensor):
+        return rows
+    if tuple(tensor.placements) != (Shard(0),):
+        raise AfptError(f"a partial reset needs row-sharded (Shard(0)) parameters, got {tuple(tensor.placements)}")
+    # DTensor's Shard(0) cuts rows like torch.chunk: ceil(n / ranks) rows each, the last ranks short or empty.
+    chunk = -(-tensor.shape[0] // tensor.device_mesh.size())
+    start = min(tensor.device_mesh.get_local_rank() * chunk, tensor.shape[0])
+    mine = rows[(rows >= start) & (rows < start + local(tensor).shape[0])]
+    return mine - start
+
+
 def full_state_dict(trainer: Trainer | None, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's full state dict on CPU: gathered on rank 0 under FSDP (every rank must call), else as is."""
     if layout(trainer) == "replicated":
@@ -220,6 +238,16 @@ def full_state_dict(trainer: Trainer | None, model: nn.Module) -> dict[str, torc
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_model_state_dict(trainer: Trainer, pl_module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The Hugging Face model's full weights, keyed as its own ``state_dict``, gathered from a sharded model
+    (every rank must call; rank 0 gets them); None when nothing is sharded (the model's own weights serve)."""
+    state_dict = full_state_dict(trainer, trainer.strategy.model)
+    if state_dict is None:
+        return None
+    prefix = "" if find_model(pl_module) is pl_module else "model."
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def bit_checksum(tensor: torch.Tensor) -> int:
@@ -249,7 +277,7 @@ def verify_reset(
         exact = all(torch.equal(o, v) for o, v in zip(observed, values))
         checksums = [float(bit_checksum(o)) for o in observed]
     state_abs = sum(
-        float((local(value) if rows is None else local(value)[rows.to(local(value).device)]).double().abs().sum())
+        float((local(value) if rows is None else local(value)[local_rows(value, rows)]).double().abs().sum())
         for optimizer in trainer.optimizers
         for param in params
         for value in optimizer.state.get(param, {}).values()
