@@ -76,3 +76,42 @@ def test_a_wheel_installs_and_runs_from_another_directory(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert (elsewhere / "run" / "model" / "model.safetensors").is_file()
     assert json.loads((elsewhere / "run" / "metrics.json").read_text())["global_step"] == 5
+
+
+HEAVY = ("torch", "lightning", "transformers", "datasets")
+
+
+def imported_modules(*argv: str, env: dict[str, str] | None = None) -> set[str]:
+    """The top-level modules a fresh ``python3 -X importtime`` process imports for ``argv``."""
+    import os
+
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["-m", "afpt", "--help"], None),
+        (["-m", "afpt", "stage=adapt", "--cfg", "job"], None),
+        (["-m", "afpt", "-sc", "query=bash"], {"COMP_LINE": "afpt stage=pre", "COMP_POINT": "14"}),
+        (["-c", "import afpt"], None),
+    ],
+)
+def test_help_config_and_completion_import_no_heavy_library(argv, env):
+    assert not imported_modules(*argv, env=env) & set(HEAVY)
+
+
+def test_the_package_face_loads_its_classes_on_first_use():
+    code = "import sys, afpt; assert 'torch' not in sys.modules; print(afpt.ActiveForgetting.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "afpt.pretrain.forgetting"
+    assert ActiveForgetting.__name__ in __import__("afpt").__all__
