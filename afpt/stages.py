@@ -89,10 +89,28 @@ def build_forgetting(node: DictConfig | None) -> pl.Callback | None:
         raise AfptError(f"forgetting: cannot build {node._target_!r}: {err.__cause__ or err}") from err
 
 
+def stage_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The ``callbacks`` group's callbacks for this stage: an entry with ``only_in_stages: [...]`` runs only in
+    the stages it names (the key is afpt's, not passed to the callback)."""
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        node = OmegaConf.to_container(node, resolve=True)
+        stages = node.pop("only_in_stages", None)
+        if stages is not None and cfg.stage.name not in stages:
+            continue
+        try:
+            callbacks.append(instantiate(node))
+        except Exception as err:
+            raise AfptError(f"callbacks.{name}: cannot build {node.get('_target_')!r}: {err}") from err
+    return callbacks
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callback], **overrides: Any) -> pl.Trainer:
     """A Lightning Trainer from ``cfg.trainer`` (plain Trainer kwargs) with ``overrides`` on top, ``cfg.callbacks``
     and ``cfg.logger``."""
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = stage_callbacks(cfg)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -105,6 +123,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
             kwargs["strategy"] = instantiate(cfg.trainer.strategy)
         except Exception as err:
             raise AfptError(f"trainer.strategy: cannot build {kwargs['strategy'].get('_target_')!r}: {err}") from err
+    if isinstance(kwargs.get("profiler"), dict):  # a profiler object: {_target_: ..., **kwargs}
+        kwargs["profiler"] = instantiate(cfg.trainer.profiler)
     preemption = PreemptionCheckpoint(run_dir / CHECKPOINT_DIR)
     plugins = [instantiate(p) if isinstance(p, dict) else p for p in kwargs.pop("plugins", None) or []]
     if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own CheckpointIO replaces afpt's

@@ -133,3 +133,24 @@ def test_adapt_resume_matches_an_uninterrupted_run(tmp_path):
     adapt.run(compose_config(resumed, [*common, f"ckpt_path={full / 'checkpoints' / 'step4.ckpt'}"]))
     a, b = load_file(full / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_entry_stops_adaptation_but_never_pretraining(tmp_path, base_model):
+    from afpt.stages import build_trainer
+
+    callbacks = "callbacks=[default,early_stopping,rich_progress_bar,model_summary]"
+    bar = "trainer.enable_progress_bar=true"
+    pretrain_cfg = compose_config(tmp_path / "pre", [callbacks, bar])
+    kinds = {type(c).__name__ for c in build_trainer(pretrain_cfg, tmp_path / "pre", []).callbacks}
+    assert {"RichProgressBar", "RichModelSummary", "ModelCheckpoint"} <= kinds and "EarlyStopping" not in kinds
+    out = tmp_path / "adapt"
+    stop_at_once = ["callbacks.early_stopping.patience=0", "callbacks.early_stopping.min_delta=100"]
+    cfg = compose_config(
+        out,
+        ["stage=adapt", f"init_from={base_model}", "adapt.languages=[xd]", "adapt.new_tokens=64"]
+        + ["adapt.token_budget=5000", "adapt.eval_docs=4", "adapt.val_every_n_steps=10", callbacks, bar, *stop_at_once],
+    )
+    metrics = adapt.run(cfg)
+    # 40 steps were budgeted; no validation loss improves by 100, so the stage stops after its second check.
+    assert metrics["max_steps"] == 40 and metrics["global_step"] == 20
+    assert (out / "model" / "model.safetensors").is_file()

@@ -115,3 +115,32 @@ def test_the_package_face_loads_its_classes_on_first_use():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "afpt.pretrain.forgetting"
     assert ActiveForgetting.__name__ in __import__("afpt").__all__
+
+
+@pytest.mark.parametrize(
+    "debug",
+    ["fdr", "limit", pytest.param("overfit", marks=pytest.mark.slow), pytest.param("profiler", marks=pytest.mark.slow)],
+)
+def test_every_debug_config_runs_the_pretrain_stage_as_its_name_says(tmp_path, debug):
+    from helpers import TINY, compose_config
+
+    import afpt.pretrain.stage as pretrain
+
+    sizes = [o for o in TINY if o.startswith(("model.", "data."))]
+    cfg = compose_config(tmp_path, [*sizes, f"debug={debug}"], tiny=False)
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.detect_anomaly and cfg.data.num_workers == 0
+    metrics = pretrain.run(cfg)
+    resets = [r["step"] for r in metrics["resets"]]
+    if debug == "fdr":  # one batch, nothing logged, no step checkpoint
+        assert metrics["global_step"] == 1 and not (tmp_path / "logs").exists()
+        assert not list(tmp_path.glob("checkpoints/step*.ckpt"))
+    elif debug == "overfit":  # the same 3 batches for 60 steps, no forgetting, no step checkpoints
+        assert metrics["global_step"] == 60 and resets == [] and cfg.trainer.overfit_batches == 3
+        assert not list(tmp_path.glob("checkpoints/step*.ckpt"))
+    elif debug == "limit":  # 20 steps crossing a reset, validation and checkpoints every 10 steps
+        assert metrics["global_step"] == 20 and resets == [10]
+        assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step20.ckpt"]
+    else:
+        report = (tmp_path / "fit-profile.txt").read_text()
+        assert "run_training_batch" in report and metrics["global_step"] == 20
+    assert (tmp_path / "model" / "model.safetensors").is_file()

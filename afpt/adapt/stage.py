@@ -118,6 +118,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **expansion,
         "trainable_parameters": trainable,
         "frozen_unchanged": True,
+        "max_steps": trainer.max_steps,
         "global_step": trainer.global_step,
         "tokens_seen": trainer.global_step * tokens_per_step * trainer.world_size,
         "train_time_s": round(train_time, 2),
