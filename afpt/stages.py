@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from afpt.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, PreemptionCheckpoint, resolve_ckpt_path
 from afpt.errors import AfptError
 from afpt.speed.distributed import layout
+from afpt.tracking import build_loggers
 
 STAGES = {
     "prepare": "afpt.data.stage",
@@ -111,7 +112,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
     """A Lightning Trainer from ``cfg.trainer`` (plain Trainer kwargs) with ``overrides`` on top, ``cfg.callbacks``
     and ``cfg.logger``."""
     callbacks = stage_callbacks(cfg)
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    loggers = build_loggers(cfg)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     kwargs = {**to_dict(cfg.trainer), **overrides}

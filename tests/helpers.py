@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -225,3 +227,30 @@ class SleepEachStep(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
+
+
+def wandb_offline_run(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """What an offline wandb run stored in its ``run-*.wandb`` file (a LevelDB-style log of protobuf records,
+    the file ``wandb sync`` uploads): the last ``config``, ``history`` and ``summary`` value of every key, as JSON."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data, pos, chunk, block = path.read_bytes(), 7, b"", 32768  # a 7-byte file header, then 32 KiB blocks
+    stored: dict[str, dict[str, Any]] = {"config": {}, "history": {}, "summary": {}}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        chunk = payload if kind in (1, 2) else chunk + payload  # full, first | middle, last
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        kind_name = record.WhichOneof("record_type")
+        if kind_name in stored:
+            items = {"config": record.config.update, "history": record.history.item, "summary": record.summary.update}
+            for item in items[kind_name]:
+                stored[kind_name][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return stored

@@ -34,6 +34,7 @@ from afpt.plots import plot_run_curves
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.throughput import TokenThroughput
 from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, to_dict
+from afpt.tracking import publish_artifacts
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -138,4 +139,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "validation perplexity (per token)",
             f"adaptation to {', '.join(langs)} (init={a.init}, policy={a.policy})",
         )
+        publish_artifacts(trainer.loggers, run_dir)
     return metrics

@@ -24,6 +24,7 @@ from afpt.io import write_json
 from afpt.models import check_model_dir, load_model, save_model_dir
 from afpt.pretrain.module import CausalLMModule
 from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, scalar_metrics, to_dict
+from afpt.tracking import publish_artifacts
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -76,4 +77,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         save_model_dir(model, tokenizer, run_dir / "model")
         write_json(metrics, run_dir / "metrics.json")
+        publish_artifacts(trainer.loggers, run_dir)
     return metrics

@@ -18,6 +18,7 @@ from afpt.pretrain.module import CausalLMModule
 from afpt.speed.distributed import full_model_state_dict, layout
 from afpt.speed.throughput import TokenThroughput
 from afpt.stages import build_forgetting, build_trainer, check_batches, check_ckpt_path, scalar_metrics, to_dict
+from afpt.tracking import publish_artifacts
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -89,4 +90,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 run_dir / "loss.png",
                 f"pretraining {metrics['model']}, forgetting={metrics['forgetting']}",
             )
+        publish_artifacts(trainer.loggers, run_dir)
     return metrics
