@@ -196,3 +196,28 @@ def test_paper_config_names_only_tasks_lm_eval_knows(tmp_path):
     check_tasks(specs, manager, [])
     flores = manager.task_index["afpt_flores_en-ja"].cfg
     assert flores["num_fewshot"] == 4 and flores["doc_to_target"] == "{{sentence_jpn_Jpan}}"
+
+
+@pytest.mark.slow
+def test_lm_evals_own_cli_runs_the_task_directory_a_run_writes(base_model, tmp_path):
+    import subprocess
+    import sys
+
+    lm_only = [*FAST, "evaluate.perplexity=false", "evaluate.isotropy.enabled=false", "evaluate.tasks=[afpt_mc_en]"]
+    ours = evaluate.run(compose_config(tmp_path / "run", [*lm_only, f"init_from={base_model}"]))
+    tasks = tmp_path / "run" / "tasks"
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={base_model}"]
+    command += ["--include_path", str(tasks), "--tasks", "afpt_mc_en", "--device", "cpu", "--batch_size", "8"]
+    result = subprocess.run(
+        [*command, "--output_path", str(tmp_path / "lm_eval")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (tmp_path / "lm_eval").rglob("results_*.json")
+    theirs = json.loads(path.read_text())["results"]["afpt_mc_en"]
+    # The same model on the same items: lm-eval's CLI scores exactly what afpt's in-memory run scored.
+    (acc,) = [value for key, value in ours.items() if key.endswith("task/afpt_mc_en/acc")]
+    assert theirs["acc,none"] == acc
