@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -21,6 +22,11 @@ log = logging.getLogger("afpt")
 # Errors of the disk rather than of afpt: reported in one line, naming the file.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 SIGTERM_EXIT = 128 + 15
+
+# conf/hydra/launcher/submitit_{slurm,local}.yaml replace the plugin's configs of the same name on purpose (to
+# derive the resources from the trainer); Hydra 1.3 still validates them against the plugin's schema and
+# warns once per composition that this matching is deprecated.
+warnings.filterwarnings("ignore", message=r"\n'hydra/launcher/submitit_\w+' is validated against ConfigStore schema")
 
 
 def _disk_message(err: OSError) -> str:
