@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from afpt.console import drop_lightning_console_handler, quiet_library_noise, summary_block
 from afpt.errors import AfptError
 from afpt.runs import check_run_name, discard, fail, is_fresh, run_lock
 
@@ -37,9 +39,12 @@ def _disk_message(err: OSError) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://afpt.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    quiet_library_noise()
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from afpt.stages import run_stage
+
+    drop_lightning_console_handler()
 
     run_dir = Path(cfg.paths.run_dir)
     fresh = is_fresh(run_dir)
@@ -61,6 +66,8 @@ def main(cfg: DictConfig) -> float | None:
         message = f"stopped by SIGTERM; a resumable checkpoint is saved: rerun with name={run_dir.name}{resume}"
         log.error("%s", message)
         fail(message, SIGTERM_EXIT)
+    if metrics is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(summary_block(cfg.stage.name, run_dir, metrics), flush=True)
     key = cfg.get("optimized_metric")
     return float(metrics[key]) if key and key in metrics else None
 

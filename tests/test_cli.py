@@ -144,3 +144,17 @@ def test_every_debug_config_runs_the_pretrain_stage_as_its_name_says(tmp_path, d
         report = (tmp_path / "fit-profile.txt").read_text()
         assert "run_training_batch" in report and metrics["global_step"] == 20
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_the_console_shows_each_line_once_without_known_noise_and_ends_with_a_summary(tmp_path):
+    from helpers import TINY
+
+    proc = run_afpt(*TINY, "name=console", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = proc.stdout + proc.stderr
+    assert both.count("Seed set to 0") == 1  # Hydra's handler only, not Lightning's second one
+    for noise in ("💡 Tip", "LeafSpec", "Writing model shards", "Failed to load", "is an Enum subclass"):
+        assert noise not in both, noise
+    tail = proc.stdout.strip().splitlines()[-2:]
+    assert tail[0] == f"afpt pretrain: done, run directory {tmp_path / 'runs' / 'console'}"
+    assert tail[1].startswith("validation loss: ")
