@@ -72,18 +72,18 @@ def test_clp_is_the_normalised_cosine_average():
     assert torch.allclose(rows[0], expected)
 
 
-def test_focus_uses_sparse_convex_sparsemax_weights():
+def test_focus_helper_uses_sparse_convex_sparsemax_weights():
     helper_overlap = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    weights = overlap_weights(torch.tensor([[2.0, 0.0]]), helper_overlap, "focus")[0]
+    weights = overlap_weights(torch.tensor([[2.0, 0.0]]), helper_overlap, "focus_helper")[0]
     tau = (1 + 1 / math.sqrt(2) - 1) / 2  # sparsemax threshold over the two largest similarities
     assert torch.allclose(weights, torch.tensor([1 - tau, 0.0, 1 / math.sqrt(2) - tau]))
     assert weights.sum() == pytest.approx(1.0) and (weights == 0).sum() == 1
 
 
-def test_clp_and_focus_need_a_helper_that_covers_new_tokens():
+def test_clp_and_focus_helper_need_a_helper_that_covers_new_tokens():
     source = torch.randn(5, 3)
     nan = torch.full((2, 4), float("nan"))
-    for method in ("clp", "focus"):
+    for method in ("clp", "focus_helper"):
         with pytest.raises(AfptError, match="covers none of the new tokens"):
             init_new_rows(
                 method,
@@ -126,3 +126,38 @@ def test_freeze_policies_change_exactly_the_promised_tensors(policy, tied):
         assert not torch.equal(emb[n_old:].detach(), before["model.embed_tokens.weight"][n_old:])
     if not tied:
         assert ("lm_head.weight" in changed) == (policy in ("new_rows_and_head", "full"))
+
+
+def test_official_focus_copies_shared_rows_and_makes_new_rows_convex_combinations(base_model, tmp_path):
+    pytest.importorskip("deepfocus")
+    from helpers import compose_config
+
+    from afpt.adapt.focus import focus_rows
+    from afpt.adapt.vocab import merge_tokenizers, train_language_tokenizer
+    from afpt.data import load_corpus, load_tokenizer
+
+    base = load_tokenizer(base_model)
+    corpus = load_corpus(compose_config(tmp_path).data, ["xd"])
+    texts = corpus.train["xd"]["text"]
+    merged = merge_tokenizers(base, train_language_tokenizer(base, texts, len(base) + 64), len(base) + 64)
+    n_old = len(base)
+    # One-hot source rows: a row FOCUS builds as a combination of shared tokens' rows shows its weights.
+    source = torch.eye(n_old)
+    rows = focus_rows(source, base, merged, texts, tmp_path, seed=0, min_count=2)
+    assert rows.shape == (len(merged), n_old)
+    # Shared tokens are copied: each old token's row is a source row, its own unless its text is a control
+    # character or part of a UTF-8 character (FOCUS gives such tokens one canonical form and copies the first).
+    assert torch.equal(rows[:n_old].sum(dim=1), torch.ones(n_old)) and torch.equal(
+        rows[:n_old].amax(dim=1), torch.ones(n_old)
+    )
+    texts_of = [base.convert_tokens_to_string([t]) for t in base.convert_ids_to_tokens(list(range(n_old)))]
+    whole = [i for i, text in enumerate(texts_of) if text.isprintable() and "\ufffd" not in text]
+    assert len(whole) > n_old / 2 and torch.equal(rows[whole], source[whole])
+    new = rows[n_old:]
+    convex = (new >= 0).all(dim=1) & ((new.sum(dim=1) - 1).abs() < 1e-5)
+    # The others are FOCUS's N(mean, std) rows for tokens seen fewer than min_count times (no fastText vector).
+    assert convex.float().mean() > 0.75, "most new rows are convex combinations of shared tokens' rows"
+    assert ((new[convex] > 0).sum(dim=1) < n_old).all()  # sparsemax: sparse weights
+    again = focus_rows(source, base, merged, texts, tmp_path, seed=0, min_count=2)
+    torch.manual_seed(123)  # other code touching the global RNG changes nothing
+    assert torch.equal(rows, again)

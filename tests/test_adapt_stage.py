@@ -41,8 +41,10 @@ def test_pretrain_then_adapt_to_a_held_out_language(tmp_path):
     assert (out / "adaptation.png").read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize("init", ["clp", "focus"])
-def test_clp_and_focus_train_their_own_helper(tmp_path, init):
+@pytest.mark.parametrize("init", ["clp", "focus_helper", "focus"])
+def test_clp_and_focus_initialise_the_new_rows(tmp_path, init):
+    if init == "focus":
+        pytest.importorskip("deepfocus")
     base_dir = tmp_path / "pretrain"
     pretrain.run(compose_config(base_dir, ["forgetting=none", "trainer.max_steps=4"]))
     cfg = compose_config(
@@ -57,6 +59,7 @@ def test_clp_and_focus_train_their_own_helper(tmp_path, init):
             "adapt.eval_docs=4",
             "adapt.helper.steps=5",
             "adapt.helper.batch_size=4",
+            "adapt.focus.min_count=2",
         ],
     )
     metrics = adapt.run(cfg)

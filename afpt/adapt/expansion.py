@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from afpt.adapt.initializers import init_new_rows
+from afpt.adapt.initializers import HELPER_INITIALIZERS, init_new_rows
 from afpt.adapt.vocab import canonical_token, is_byte_level, merge_tokenizers, train_language_tokenizer
 from afpt.data import PretrainDataModule, load_tokenizer
 from afpt.io import atomic_save
@@ -101,26 +101,34 @@ def expand_vocabulary(
     helper=None,
     overlap_ids: list[int] | None = None,
     pad_multiple: int = 64,
+    given_rows: torch.Tensor | None = None,
 ) -> dict[str, int]:
     """Resize embeddings (and an untied head) to ``n_new_total`` rows (padded) and initialise rows
-    ``n_old..n_new_total`` from rows ``:n_old`` by ``init`` (see ``afpt.adapt.initializers``)."""
+    ``n_old..n_new_total`` from rows ``:n_old`` by ``init`` (see ``afpt.adapt.initializers``).
+
+    ``given_rows``: the new rows already computed (``init=focus``), the embedding's columns first and an
+    untied head's after them."""
     rows_before = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(max(rows_before, padded_vocab(n_new_total, pad_multiple)), mean_resizing=False)
     head = untied_head(model)
     matrices = [model.get_input_embeddings().weight] + ([] if head is None else [head.weight])
     std = float(getattr(model.config, "initializer_range", 0.02))
     kwargs = {}
-    if init in ("clp", "focus"):
+    if init in HELPER_INITIALIZERS:
         kwargs = {
             "helper_new": helper["new"],
             "helper_overlap": helper["overlap"],
             "overlap_source_ids": torch.tensor(overlap_ids),
         }
     fallbacks = 0
-    for weight in matrices:
-        rows, fell_back = init_new_rows(
-            init, weight[:n_old].float().cpu(), n_new_total - n_old, generator, std, **kwargs
-        )
+    for k, weight in enumerate(matrices):
+        if given_rows is not None:
+            width = weight.shape[1]
+            rows, fell_back = given_rows[:, k * width : (k + 1) * width], 0
+        else:
+            rows, fell_back = init_new_rows(
+                init, weight[:n_old].float().cpu(), n_new_total - n_old, generator, std, **kwargs
+            )
         weight[n_old:n_new_total] = rows.to(weight.dtype)
         fallbacks += fell_back
     return {"new_tokens": n_new_total - n_old, "fallback_rows": fallbacks, "tied_head": int(is_tied(model))}

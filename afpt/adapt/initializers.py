@@ -1,7 +1,8 @@
 """Initialisers for the embedding rows of new tokens: pure functions, seeded by a local generator.
 
 Each takes the source matrix (rows of the old vocabulary) and returns the rows of the new tokens;
-``clp`` and ``focus`` also take the embeddings of a helper model that knows the new vocabulary.
+``clp`` and ``focus_helper`` also take the embeddings of a helper model that knows the new vocabulary;
+``focus`` (the official FOCUS, fastText similarities) lives in ``afpt.adapt.focus``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from entmax import sparsemax
 
 from afpt.errors import AfptError
 
-INITIALIZERS = ("random", "mean", "clp", "focus")
+INITIALIZERS = ("random", "mean", "clp", "focus", "focus_helper")
+# The initialisers whose similarities come from afpt's helper decoder.
+HELPER_INITIALIZERS = ("clp", "focus_helper")
 
 
 def init_random(source: torch.Tensor, n_new: int, generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
@@ -38,8 +41,8 @@ def init_mean(source: torch.Tensor, n_new: int, generator: torch.Generator, epsi
 def overlap_weights(helper_new: torch.Tensor, helper_overlap: torch.Tensor, method: str) -> torch.Tensor:
     """Weights (n_new x n_overlap) over overlapping tokens from cosine similarities in the helper space.
 
-    ``clp``: cos / sum(cos) over all overlapping tokens (CLP-Transfer); ``focus``: sparsemax(cos), a
-    sparse convex combination (FOCUS).
+    ``clp``: cos / sum(cos) over all overlapping tokens (CLP-Transfer); ``focus_helper``: sparsemax(cos), a
+    sparse convex combination (FOCUS's weighting over the helper decoder's embeddings).
     """
     sims = (
         torch.nn.functional.normalize(helper_new.float(), dim=1)
@@ -47,9 +50,9 @@ def overlap_weights(helper_new: torch.Tensor, helper_overlap: torch.Tensor, meth
     )
     if method == "clp":
         return sims / sims.sum(dim=1, keepdim=True)
-    if method == "focus":
+    if method == "focus_helper":
         return sparsemax(sims, dim=1)
-    raise AfptError(f"adapt.init={method!r} has no overlap weights; expected 'clp' or 'focus'")
+    raise AfptError(f"adapt.init={method!r} has no overlap weights; expected 'clp' or 'focus_helper'")
 
 
 def init_from_overlap(
@@ -78,7 +81,7 @@ def init_new_rows(
 ) -> tuple[torch.Tensor, int]:
     """Rows for ``n_new`` new tokens by ``method``; returns (rows, rows that fell back to N(mean, std)).
 
-    For ``clp``/``focus``: ``helper_new`` holds the helper's embedding of each new token (a NaN row
+    For ``clp``/``focus_helper``: ``helper_new`` holds the helper's embedding of each new token (a NaN row
     where the helper lacks the token), ``helper_overlap`` its embeddings of the overlapping tokens,
     whose source rows are ``overlap_source_ids``.
     """
@@ -88,6 +91,8 @@ def init_new_rows(
         return init_random(source, n_new, generator, std), 0
     if method == "mean":
         return init_mean(source, n_new, generator), 0
+    if method == "focus":
+        raise AfptError("adapt.init=focus rows come from afpt.adapt.focus.focus_rows (given_rows)")
     if helper_new is None or not torch.isfinite(helper_new).all(dim=1).any():
         raise AfptError(f"adapt.init={method}: the helper's tokenizer covers none of the new tokens")
     rows = init_from_overlap(source, overlap_source_ids, helper_new, helper_overlap, method)

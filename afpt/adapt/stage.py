@@ -24,7 +24,8 @@ from afpt.adapt.expansion import (
     merged_tokenizer_for_run,
     prepare_helper,
 )
-from afpt.adapt.initializers import INITIALIZERS
+from afpt.adapt.focus import focus_new_rows
+from afpt.adapt.initializers import HELPER_INITIALIZERS, INITIALIZERS
 from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corpus, world_languages
 from afpt.errors import AfptError
 from afpt.evaluate.metrics import language_perplexities
@@ -73,11 +74,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_blocks, val_blocks = pack_corpus(corpus, tokenizer, block, cfg.data.max_val_blocks)
 
     n_old = len(base)
-    helper, overlap_ids = None, None
-    if a.init in ("clp", "focus"):
+    helper, overlap_ids, given = None, None, None
+    if a.init in HELPER_INITIALIZERS:
         helper, overlap_ids = prepare_helper(a, tokenizer, train_blocks, n_old, cfg.seed)
+    if a.init == "focus":
+        texts = [t for ds in corpus.train.values() for t in ds["text"]]
+        given = focus_new_rows(model, n_old, base, tokenizer, texts, run_dir, cfg.seed, **to_dict(a.focus))
     generator = torch.Generator().manual_seed(cfg.seed)
-    expansion = expand_vocabulary(model, n_old, len(tokenizer), a.init, generator, helper, overlap_ids)
+    expansion = expand_vocabulary(
+        model, n_old, len(tokenizer), a.init, generator, helper, overlap_ids, given_rows=given
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     trainable = apply_policy(model, a.policy, n_old)
     snapshot = frozen_snapshot(model, a.policy, n_old)
