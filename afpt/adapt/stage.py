@@ -31,7 +31,7 @@ from afpt.errors import AfptError
 from afpt.evaluate.metrics import language_perplexities
 from afpt.io import write_json
 from afpt.models import check_model_dir, load_model, on_eval_device, save_model_dir
-from afpt.plots import plot_run_curves
+from afpt.plots import plot_adaptation
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.throughput import TokenThroughput
 from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, to_dict
@@ -136,13 +136,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         save_model_dir(model, tokenizer, run_dir / "model")
         write_json(metrics, run_dir / "metrics.json")
-        plot_run_curves(
+        plot_adaptation(
             run_dir,
-            {lang: f"val/ppl/{lang}" for lang in langs},
+            before,
+            after,
             tokens_per_step,
+            metrics["tokens_seen"],
             run_dir / "adaptation.png",
-            "adaptation tokens",
-            "validation perplexity (per token)",
             f"adaptation to {', '.join(langs)} (init={a.init}, policy={a.policy})",
         )
         publish_artifacts(trainer.loggers, run_dir)
