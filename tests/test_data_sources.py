@@ -22,7 +22,13 @@ def test_local_files_load_through_datasets(tmp_path, suffix):
     else:
         datasets.Dataset.from_dict({"body": docs}).to_parquet(str(path))
     corpus = load_corpus(
-        {"source": "files", "files": {"fi": str(path)}, "text_field": "body", "validation_fraction": 0.1, "seed": 0}
+        {
+            "source": "files",
+            "files": {"fi": str(path)},
+            "text_field": "body",
+            "validation_fraction": 0.1,
+            "split_seed": 0,
+        }
     )
     assert len(corpus.train["fi"]) == 36 and len(corpus.validation["fi"]) == 4
     assert set(corpus.train["fi"]["text"]) | set(corpus.validation["fi"]["text"]) == set(docs)
@@ -58,3 +64,40 @@ def test_tokenizer_has_special_tokens_and_round_trips():
         assert tok.decode(tok(text)["input_ids"]) == text
     with pytest.raises(DataError, match="model.vocab_size=10 is smaller"):
         train_tokenizer(texts, vocab_size=10)
+
+
+def test_the_held_out_split_does_not_depend_on_the_training_seed(tmp_path):
+    from helpers import compose_config
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"document {i} about the sea and the hills.\n" for i in range(200)))
+    held_out = []
+    for seed in (0, 1, 2):
+        cfg = compose_config(tmp_path / f"s{seed}", ["data=files", f"data.files={{fi: {path}}}", f"seed={seed}"])
+        held_out.append(load_corpus(cfg.data).validation["fi"]["text"])
+    assert held_out[0] == held_out[1] == held_out[2] and len(held_out[0]) == 10
+    other = compose_config(tmp_path / "o", ["data=files", f"data.files={{fi: {path}}}", "data.split_seed=1"])
+    assert load_corpus(other.data).validation["fi"]["text"] != held_out[0]  # the split's own seed does move it
+
+
+def test_new_languages_stay_out_of_pretraining_and_are_adaptations_default(tmp_path):
+    from helpers import compose_config
+
+    from afpt.data import CorpusDataModule, world_languages
+
+    files = {}
+    for lang in ("en", "fi", "sw"):
+        files[lang] = tmp_path / f"{lang}.txt"
+        files[lang].write_text("".join(f"{lang} document {i} about the sea.\n" for i in range(40)))
+    mapping = "{" + ", ".join(f"{k}: {v}" for k, v in files.items()) + "}"
+    cfg = compose_config(tmp_path / "run", ["data=files", f"data.files={mapping}", "data.new_languages=[sw]"])
+    assert world_languages(cfg.data, "heldout_languages") == ["sw"]
+    assert world_languages(cfg.data, "pretrain_languages") == ["en", "fi"]
+    module = CorpusDataModule(cfg.data, run_dir=tmp_path / "run", vocab_size=512, seed=0)
+    assert module.train_names == ["en", "fi"]
+    bad = compose_config(
+        tmp_path / "bad",
+        ["data=files", f"data.files={mapping}", "data.new_languages=[sw]"] + ["data.languages=[en,sw]"],
+    )
+    with pytest.raises(DataError, match=r"data.languages and data.new_languages share \['sw'\]"):
+        CorpusDataModule(bad.data, run_dir=tmp_path / "bad", vocab_size=512, seed=0)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from afpt.data.sources import Corpus, corpus_parts
+from afpt.data.sources import Corpus, check_new_languages, corpus_parts
 from afpt.data.store import TokenStore, check_store_options, pack_ids, token_dtype
 from afpt.data.tokenizer import tokenizer_for_run, tokenizer_sha256
 from afpt.errors import DataError
@@ -239,6 +239,7 @@ class CorpusDataModule(PretrainDataModule):
             mixture_alpha=data.get("mixture_alpha"),
         )
         self.data = data
+        check_new_languages(data)
         self.train_parts, self.val_parts = corpus_parts(data, data.get("languages"))
         self.train_names = [p.lang for p in self.train_parts]
         # Local files: {config key: {"records", "dropped"}} of every file set read (see load_text_files).

@@ -48,10 +48,29 @@ def world_from_config(cfg: Mapping[str, Any]) -> World:
 
 
 def world_languages(cfg: Mapping[str, Any], key: str) -> list[str]:
-    """The world's ``pretrain_languages`` or ``heldout_languages`` for a world data config."""
+    """The ``pretrain_languages`` or ``heldout_languages`` of a data config: the world's, or for local files
+    ``data.new_languages`` (held out) and the other languages of ``data.files`` (pretraining)."""
+    if cfg.get("source") == "files" and cfg.get("new_languages"):
+        new = list(cfg["new_languages"])
+        files = as_file_map(cfg.get("files"), "data.files")
+        return new if key == "heldout_languages" else [lang for lang in files if lang not in new]
     if cfg.get("source") != "world":
-        raise DataError(f"data.source={cfg.get('source')!r}: name the languages explicitly (adapt.languages=[...])")
+        raise DataError(
+            f"data.source={cfg.get('source')!r}: name the new languages (data.new_languages=[...] for files, "
+            "or adapt.languages=[...])"
+        )
     return list(getattr(world_from_config(cfg["world"]).config, key))
+
+
+def check_new_languages(cfg: Mapping[str, Any]) -> None:
+    """Refuse a pretraining language list that includes one of ``data.new_languages``: a new language must not
+    be pretrained on."""
+    overlap = sorted(set(cfg.get("languages") or []) & set(cfg.get("new_languages") or []))
+    if overlap:
+        raise DataError(
+            f"data.languages and data.new_languages share {overlap}: the new languages (adaptation and evaluation) "
+            "must not be pretrained on; drop them from data.languages"
+        )
 
 
 SOURCES = ("world", "files", "hub")
@@ -332,11 +351,16 @@ def _stream_texts(ds: datasets.Dataset, start: int) -> Iterator[str]:
 def _file_parts(cfg: Mapping[str, Any], languages: Sequence[str] | None, key: str) -> tuple[list[Part], list[Part]]:
     train_map = as_file_map(cfg.get("files"), f"{key}.files")
     val_map = as_file_map(cfg["validation_files"], f"{key}.validation_files") if cfg.get("validation_files") else {}
-    langs = list(languages or train_map)
+    new = list(cfg.get("new_languages") or [])
+    langs = list(languages or [lang for lang in train_map if lang not in new])
     missing = [lang for lang in langs if lang not in train_map]
     if missing:
         raise DataError(f"{key}.files has no files for languages {missing}; it has {sorted(train_map)}")
-    text_field, fraction, seed = cfg.get("text_field", "text"), cfg.get("validation_fraction", 0.05), cfg.get("seed", 0)
+    text_field, fraction, seed = (
+        cfg.get("text_field", "text"),
+        cfg.get("validation_fraction", 0.05),
+        cfg.get("split_seed", 0),
+    )
     max_dropped = float(cfg.get("max_dropped_fraction", 0.01))
 
     def checked(paths: list[str], file_key: str) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
