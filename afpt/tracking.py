@@ -42,8 +42,9 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
         package, extra = TRACKER_PACKAGES.get(str(node.get("_target_", "")).rsplit(".", 1)[-1], (None, None))
         if package and importlib.util.find_spec(package) is None:
             raise AfptError(f"logger.{name} needs the {package} package: pip install 'afpt[{extra}]'")
-        if package == "mlflow" and not node.get("tracking_uri"):  # the local file store (see conf/logger/mlflow.yaml)
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = str(node.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "file:")
+        if package == "mlflow" and (uri.startswith("file:") or "://" not in uri):  # a local file store
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: see conf/logger/mlflow.yaml
         loggers.append(instantiate(node))
     if loggers:
         params = {"run_dir": str(cfg.paths.run_dir), **config_params(cfg)}
