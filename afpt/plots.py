@@ -97,7 +97,12 @@ def plot_comparison(panels: dict[str, dict[str, list[float | None]]], models: Se
                 if value > cap:
                     bar.set_hatch("//")
                     ax.annotate(
-                        f"{value:.2g}", (bar.get_x() + bar.get_width() / 2, cap), ha="center", va="bottom", fontsize=7
+                        f"{value:.2g}",
+                        (bar.get_x() + bar.get_width() / 2, cap * 0.97),
+                        ha="center",
+                        va="top",
+                        rotation=90,
+                        fontsize=7,
                     )
         ax.set_xticks(
             range(len(names)), names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
