@@ -67,6 +67,9 @@ def test_a_wheel_installs_and_runs_from_another_directory(tmp_path):
         text=True,
     )
     assert str(venv) in located.stdout and str(root) not in located.stdout, located.stdout
+    installed_conf = Path(located.stdout.splitlines()[1]).parent
+    shipped = {p.relative_to(installed_conf) for p in installed_conf.rglob("*.yaml")}
+    assert shipped == {p.relative_to(root / "conf") for p in (root / "conf").rglob("*.yaml")}  # nested groups too
     run = subprocess.run(
         [str(venv / "bin" / "afpt"), *TINY, "stage=pretrain", "trainer.max_steps=5", "hydra.run.dir=run"],
         cwd=elsewhere,
