@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from omegaconf import DictConfig
 
 from afpt.console import drop_lightning_console_handler, quiet_library_noise, summary_block
 from afpt.errors import AfptError
-from afpt.runs import check_run_name, discard, fail, is_fresh, run_lock
+from afpt.runs import check_run_name, discard, fail, is_fresh, is_rank_zero, run_lock
 
 log = logging.getLogger("afpt")
 
@@ -66,7 +65,7 @@ def main(cfg: DictConfig) -> float | None:
         message = f"stopped by SIGTERM; a resumable checkpoint is saved: rerun with name={run_dir.name}{resume}"
         log.error("%s", message)
         fail(message, SIGTERM_EXIT)
-    if metrics is not None and int(os.environ.get("RANK", "0")) == 0:
+    if metrics is not None and is_rank_zero():
         print(summary_block(cfg.stage.name, run_dir, metrics), flush=True)
     key = cfg.get("optimized_metric")
     return float(metrics[key]) if key and key in metrics else None

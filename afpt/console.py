@@ -20,6 +20,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 
 class _DropMessages(logging.Filter):
@@ -57,8 +58,6 @@ def drop_lightning_console_handler() -> None:
 def summary_block(stage: str, run_dir: os.PathLike | str, metrics: Mapping[str, object] | None) -> str:
     """The few lines the command ends with: the stage, its run directory, its report (if any) and the headline
     numbers of a study."""
-    from pathlib import Path
-
     run_dir = Path(run_dir)
     lines = ["", f"afpt {stage}: done, run directory {run_dir}"]
     report = run_dir / "report" / "report.md"

@@ -1,5 +1,9 @@
 """The exception types for input a user must fix: a config key, a file, or a value."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class AfptError(ValueError):
     """Bad input, reported in one line that names the key, file or value and what was expected."""
@@ -7,3 +11,17 @@ class AfptError(ValueError):
 
 class DataError(AfptError):
     """A corpus, file or data option that cannot be used, with the key or file that caused it."""
+
+
+def build_target(node: Any, key: str) -> Any:
+    """Instantiate the ``_target_`` config node at ``key``; a failure (an unknown target, a bad argument) becomes
+    one AfptError naming the key and the target, and an AfptError the object raises itself passes through."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, AfptError):
+            raise err.__cause__ from None
+        raise AfptError(f"{key}: cannot build {node.get('_target_')!r}: {err.__cause__ or err}") from err

@@ -89,12 +89,14 @@ def plot_comparison(panels: dict[str, dict[str, list[float | None]]], models: Se
     for ax, (title, groups) in zip(axes, panels.items()):
         names = list(groups)
         cap = _perplexity_cap(groups) if title.startswith("perplexity") else math.inf
+        clipped = False
         for i, model in enumerate(models):
             values = [groups[name][i] if groups[name][i] is not None else float("nan") for name in names]
             xs = [x + (i - (len(models) - 1) / 2) * width for x in range(len(names))]
             bars = ax.bar(xs, [min(v, cap) for v in values], width, label=model, color=f"C{i}")
             for bar, value in zip(bars, values):  # clipped: hatched, its value written on it
                 if value > cap:
+                    clipped = True
                     bar.set_hatch("//")
                     ax.annotate(
                         f"{value:.2g}",
@@ -107,7 +109,6 @@ def plot_comparison(panels: dict[str, dict[str, list[float | None]]], models: Se
         ax.set_xticks(
             range(len(names)), names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
         )
-        clipped = any(v is not None and v > cap for vs in groups.values() for v in vs)
         ax.set_title(f"{title} (hatched: clipped at {cap:.3g})" if clipped else title)
         ax.legend(fontsize="small")
     return _save(fig, path)

@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from afpt.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, PreemptionCheckpoint, resolve_ckpt_path
-from afpt.errors import AfptError
+from afpt.errors import AfptError, build_target
 from afpt.speed.distributed import layout
 from afpt.tracking import build_loggers
 
@@ -82,12 +80,7 @@ def build_forgetting(node: DictConfig | None) -> pl.Callback | None:
         return None
     if "_target_" not in node:
         raise AfptError(f"forgetting: expected a _target_ callback config or forgetting=none, got keys {sorted(node)}")
-    try:
-        return instantiate(node)
-    except InstantiationException as err:  # Hydra wraps the callback's own error; that one names the key
-        if isinstance(err.__cause__, AfptError):
-            raise err.__cause__ from None
-        raise AfptError(f"forgetting: cannot build {node._target_!r}: {err.__cause__ or err}") from err
+    return build_target(node, "forgetting")
 
 
 def stage_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -101,10 +94,7 @@ def stage_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         stages = node.pop("only_in_stages", None)
         if stages is not None and cfg.stage.name not in stages:
             continue
-        try:
-            callbacks.append(instantiate(node))
-        except Exception as err:
-            raise AfptError(f"callbacks.{name}: cannot build {node.get('_target_')!r}: {err}") from err
+        callbacks.append(build_target(node, f"callbacks.{name}"))
     return callbacks
 
 
@@ -119,15 +109,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
     for key in ("max_steps", "max_epochs"):
         if kwargs.get(key) == 0:
             raise AfptError(f"trainer.{key}=0 trains nothing; give a positive number (or -1 for no limit)")
-    if isinstance(kwargs.get("strategy"), dict):  # a strategy object: {_target_: ..., **kwargs}
-        try:
-            kwargs["strategy"] = instantiate(cfg.trainer.strategy)
-        except Exception as err:
-            raise AfptError(f"trainer.strategy: cannot build {kwargs['strategy'].get('_target_')!r}: {err}") from err
-    if isinstance(kwargs.get("profiler"), dict):  # a profiler object: {_target_: ..., **kwargs}
-        kwargs["profiler"] = instantiate(cfg.trainer.profiler)
+    for key in ("strategy", "profiler"):  # an object: {_target_: ..., **kwargs}
+        if isinstance(kwargs.get(key), dict):
+            kwargs[key] = build_target(kwargs[key], f"trainer.{key}")
     preemption = PreemptionCheckpoint(run_dir / CHECKPOINT_DIR)
-    plugins = [instantiate(p) if isinstance(p, dict) else p for p in kwargs.pop("plugins", None) or []]
+    plugins = [
+        build_target(p, "trainer.plugins") if isinstance(p, dict) else p for p in kwargs.pop("plugins", None) or []
+    ]
     if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own CheckpointIO replaces afpt's
         plugins.append(AtomicCheckpointIO())
     try:

@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers import MLFlowLogger as LightningMLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from afpt.errors import AfptError
+from afpt.errors import AfptError, build_target
 
 # The package each tracker's Lightning logger imports, and the afpt extra that installs it.
 TRACKER_PACKAGES = {"WandbLogger": ("wandb", "wandb"), "MLFlowLogger": ("mlflow", "mlflow")}
@@ -45,7 +44,7 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
         uri = str(node.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "file:")
         if package == "mlflow" and (uri.startswith("file:") or "://" not in uri):  # a local file store
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: see conf/logger/mlflow.yaml
-        loggers.append(instantiate(node))
+        loggers.append(build_target(node, f"logger.{name}"))
     if loggers:
         params = {"run_dir": str(cfg.paths.run_dir), **config_params(cfg)}
         for logger in loggers:

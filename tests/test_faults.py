@@ -114,6 +114,8 @@ def automap_model(tmp_path: Path, model_type: str) -> Path:
         ("languages", ["adapt.languages ['zz']"]),
         ("decoy", ["model.safetensors", "not a readable safetensors file"]),
         ("automap", ["model_type='evilnet'", "trust_remote_code"]),
+        ("profiler", ["trainer.profiler: cannot build 'nope.Profiler'"]),
+        ("tracker", ["logger.mlflow: cannot build 'afpt.tracking.MLFlowLogger'", "nope://x"]),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_run_dir(tmp_path, monkeypatch, capsys, request, case, needles):
@@ -136,7 +138,11 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(tmp_path, monkeypatch, caps
         "languages": ["stage=adapt", "adapt.languages=[zz]"],
         "decoy": ["stage=adapt", f"init_from={decoy}"],
         "automap": ["stage=adapt", f"init_from={automap_model(tmp_path, 'evilnet')}"],
+        "profiler": ["trainer.profiler={_target_: nope.Profiler}"],
+        "tracker": ["logger=mlflow", "logger.mlflow.tracking_uri=nope://x"],
     }[case]
+    if case == "tracker":
+        pytest.importorskip("mlflow")
     if case == "languages":  # a whole model: the languages are what is wrong
         args.append(f"init_from={request.getfixturevalue('base_model')}")
     before = sorted(p.name for p in (tmp_path / "runs").iterdir())
