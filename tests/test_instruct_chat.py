@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import random
 
 import datasets
 import pytest
+import torch
 from helpers import CONVERSATION, tiny_llama
 from transformers import AutoTokenizer
 
 from afpt.data import DataError, train_tokenizer
-from afpt.instruct.chat import CHATML_TEMPLATE, encode_conversation, ensure_chatml, load_conversations
+from afpt.instruct.chat import (
+    CHATML_TEMPLATE,
+    InstructDataModule,
+    encode_conversation,
+    ensure_chatml,
+    load_conversations,
+    pad_collate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +122,41 @@ def test_bad_records_name_index_and_field(tmp_path, records, fmt, message):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(DataError, match=message):
         load_conversations({"format": fmt, "files": str(path)})
+
+
+def _examples(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]:
+    """Conversations of the given token lengths: random ids, the second half labelled (the 'reply')."""
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        ids = [rng.randrange(3, 96) for _ in range(n)]
+        out.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2 :]})
+    return out
+
+
+def test_right_padding_without_a_mask_gives_the_masked_loss():
+    """The collate drops the attention mask: causal rows padded on the right score their real tokens the same."""
+    model = tiny_llama(tied=True).eval()
+    batch = pad_collate(pad_token_id=0, pad_to_multiple_of=16)(_examples([5, 23, 11]))
+    assert batch["input_ids"].shape == (3, 32) and "attention_mask" not in batch
+    assert batch["real_tokens"] == 5 + 23 + 11
+    mask = (torch.arange(32)[None] < torch.tensor([[5], [23], [11]])).long()
+    with torch.no_grad():
+        unmasked = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        masked = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss
+    assert torch.allclose(unmasked, masked, atol=1e-6)
+
+
+def test_length_grouped_batches_pad_less_than_random_ones():
+    """Length-grouped batching (the default) draws the same conversations with far fewer pad tokens."""
+    rng = random.Random(0)
+    examples = _examples([rng.randint(8, 250) for _ in range(400)])
+    padding = {}
+    for batching in ("length_grouped", "random"):
+        module = InstructDataModule(examples, [], batch_size=16, pad_token_id=0, seed=0, batching=batching)
+        batches = list(module.train_dataloader())
+        assert sum(b["input_ids"].shape[0] for b in batches) == len(examples)
+        padding[batching] = 1 - sum(b["real_tokens"] for b in batches) / sum(b["input_ids"].numel() for b in batches)
+    assert padding["length_grouped"] < 0.1 and padding["random"] > 0.3, padding
+    with pytest.raises(DataError, match="instruct.batching='sorted'"):
+        InstructDataModule(examples, [], 16, 0, 0, batching="sorted")

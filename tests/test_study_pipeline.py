@@ -17,9 +17,9 @@ FAST_STUDY = [
     "adapt.token_budget=1024",
     "adapt.new_tokens=64",
     "adapt.tokenizer_sample_docs=60",
-    "adapt.eval_docs=4",
     "adapt.val_every_n_steps=4",
     "instruct.epochs=1",
+    "callbacks.throughput.window=2",
     "instruct.eval_questions=2",
     "instruct.max_length=256",
     "model.max_position_embeddings=256",
@@ -60,6 +60,24 @@ def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):  # every plot the report links exists
         assert (study / "report" / link).is_file(), link
     assert "af/adapt/mean_ppl_char" in out and "adapt_ppl_char_gain" in out
+    # One definition of held-out perplexity: adapt's "after" is the evaluate stage's number for the adapted model.
+    for arm in ("af", "baseline"):
+        adapted = json.loads((study / f"adapt_{arm}" / "metrics.json").read_text())
+        for lang, values in adapted["after"].items():
+            scored = evaluation["models"][f"{arm}_adapted"]["perplexity"][lang]["ppl_char"]
+            assert values["ppl_char"] == pytest.approx(scored, rel=1e-4), (arm, lang)
+    # Retention: every evaluated language's ratio after adaptation and instruction tuning, in the report too.
+    models = evaluation["models"]
+    for lang in ("en", "xa", "xd"):
+        expected = models["af_instructed"]["perplexity"][lang]["ppl_char"] / models["af"]["perplexity"][lang]["ppl_char"]
+        assert out[f"af/retention/{lang}/instructed"] == pytest.approx(expected)
+        assert f"| af | {lang} | {models['af']['perplexity'][lang]['ppl_char']:.3f} |" in report
+    # Each stage's wall time and throughput; instruct counts its real (non-pad) tokens.
+    assert "## Time and throughput of each stage" in report
+    instructed = json.loads((study / "instruct_af" / "metrics.json").read_text())
+    assert 0 < instructed["throughput"]["real_tokens_per_s"] < instructed["throughput"]["tokens_per_s"]
+    assert f"| instruct_af | {instructed['wall_time_s']:.1f} |" in report
+    assert re.search(r"\| evaluate \(6 models, cpu\) \| [0-9.]+ \|", report)
     assert "eval/af_adapted/task/afpt_mc/acc" in out and "eval/baseline/isotropy/mean/self_similarity" in out
 
     # Started again: nothing reruns.

@@ -29,6 +29,7 @@ from afpt.adapt.initializers import HELPER_INITIALIZERS, INITIALIZERS
 from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corpus, world_languages
 from afpt.errors import AfptError
 from afpt.evaluate.metrics import language_perplexities
+from afpt.evaluate.stage import batch_size_for, device_for
 from afpt.io import write_json
 from afpt.models import check_model_dir, load_model, on_eval_device, save_model_dir
 from afpt.plots import plot_adaptation
@@ -40,6 +41,7 @@ from afpt.tracking import publish_artifacts
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Adapt ``init_from`` to ``adapt.languages``; write ``model/``, ``metrics.json`` and ``adaptation.png``."""
+    wall_start = time.perf_counter()
     a = cfg.adapt
     run_dir = Path(cfg.paths.run_dir)
     source = init_from(cfg, "adapt")
@@ -69,8 +71,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = merged_tokenizer_for_run(base, corpus, run_dir / "tokenizer", target, a.tokenizer_sample_docs)
     model = load_model(source)
     block = cfg.data.block_size
+    # Scored as the evaluate stage scores held-out text (its context and batch), so "after" here is the adapted
+    # model's number there.
+    context = cfg.evaluate.heldout.max_length or model.config.max_position_embeddings
+    eval_batch = batch_size_for(cfg.evaluate, device_for(cfg.evaluate))
     with on_eval_device(model):
-        before = language_perplexities(model, base, heldout, block)
+        before = language_perplexities(model, base, heldout, context, eval_batch)
     train_blocks, val_blocks = pack_corpus(corpus, tokenizer, block, cfg.data.max_val_blocks)
 
     n_old = len(base)
@@ -113,7 +119,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if changed:
         raise RuntimeError(f"frozen tensors changed during adaptation: {changed}")
     with on_eval_device(model):
-        after = language_perplexities(model, tokenizer, heldout, block)
+        after = language_perplexities(model, tokenizer, heldout, context, eval_batch)
     metrics: dict[str, Any] = {
         "stage": "adapt",
         "init_from": str(source),
@@ -130,8 +136,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tokens_seen": trainer.global_step * tokens_per_step * trainer.world_size,
         "train_time_s": round(train_time, 2),
         "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
+        "perplexity_docs": a.eval_docs,
+        "perplexity_context": context,
         "before": before,
         "after": after,
+        "wall_time_s": round(time.perf_counter() - wall_start, 2),
     }
     if trainer.is_global_zero:
         save_model_dir(model, tokenizer, run_dir / "model")

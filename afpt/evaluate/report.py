@@ -50,8 +50,9 @@ def markdown_tables(results: dict[str, dict[str, Any]], isotropy_layer: int, lev
     titles = {
         "perplexity": "Held-out perplexity (lower is better; only per-char/per-byte compare across tokenizers)",
         "isotropy": (
-            f"Isotropy: self-similarity at hidden layer {isotropy_layer}, random-pair baseline, "
-            "and their difference (lower is more isotropic)"
+            f"Isotropy at hidden layer {isotropy_layer}: self-similarity (lower is more isotropic), the "
+            "random-pair baseline (the space's anisotropy) and their difference; a lower difference alone can "
+            "come from a higher baseline, so read it beside the raw value"
         ),
         "task": "lm-evaluation-harness tasks",
     }
@@ -87,6 +88,8 @@ def chart_panels(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, list
     for section, name, metric, values in summary_rows(results):
         if section == "perplexity" and metric == "ppl_char":
             panels.setdefault("perplexity per character", {})[name] = values
+        elif section == "isotropy" and metric == "self_similarity":
+            panels.setdefault("self-similarity", {})[name] = values
         elif section == "isotropy" and metric == "self_similarity_adjusted":
             panels.setdefault("self-similarity minus baseline", {})[name] = values
         elif section == "task":

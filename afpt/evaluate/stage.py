@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,24 @@ log = logging.getLogger("afpt")
 
 POOLING = ("mean", "last")
 TASK_HINT = "Run it where the Hub is reachable or with its dataset in the datasets cache; the other tasks still ran."
+
+
+def device_for(e: DictConfig) -> torch.device:
+    """The device models are evaluated on: CUDA when available, unless ``evaluate.device=cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() and e.device != "cpu" else "cpu")
+
+
+# evaluate.batch_size=auto: documents (and lm-eval requests) per batch on each device.
+AUTO_BATCH = {"cuda": 64, "cpu": 16}
+
+
+def batch_size_for(e: DictConfig, device: torch.device) -> int:
+    """``evaluate.batch_size``, or for ``auto`` a batch that fills the device (64 on CUDA, 16 on CPU)."""
+    if e.batch_size == "auto":
+        return AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])
+    if not isinstance(e.batch_size, int) or e.batch_size < 1:
+        raise AfptError(f"evaluate.batch_size must be a positive integer or 'auto', got {e.batch_size!r}")
+    return e.batch_size
 
 
 def model_dirs(cfg: DictConfig) -> list[str]:
@@ -118,13 +137,14 @@ def hub_checker():
 def evaluate_model(cfg: DictConfig, path: str, texts: dict[str, list[str]], tasks, hub_check) -> dict[str, Any]:
     """Perplexity and isotropy per language, then the tasks, for the model in ``path``."""
     e = cfg.evaluate
-    device = torch.device("cuda" if torch.cuda.is_available() and e.device != "cpu" else "cpu")
+    device = device_for(e)
+    batch_size = batch_size_for(e, device)
     tokenizer = load_tokenizer(path)
     model = load_model(path).to(device).eval()
     max_length = e.heldout.max_length or model.config.max_position_embeddings
     result: dict[str, Any] = {"path": str(path), "perplexity": {}, "isotropy": {}, "tasks": {}, "failed_tasks": {}}
     if e.perplexity:
-        result["perplexity"] = language_perplexities(model, tokenizer, texts, max_length, e.batch_size)
+        result["perplexity"] = language_perplexities(model, tokenizer, texts, max_length, batch_size)
     if e.isotropy.enabled:
         i = e.isotropy
         for lang, docs in texts.items():
@@ -151,7 +171,7 @@ def evaluate_model(cfg: DictConfig, path: str, texts: dict[str, list[str]], task
             specs,
             manager,
             include,
-            batch_size=e.batch_size,
+            batch_size=batch_size,
             max_length=max_length,
             limit=e.limit,
             apply_chat_template=e.apply_chat_template,
@@ -164,6 +184,7 @@ def evaluate_model(cfg: DictConfig, path: str, texts: dict[str, list[str]], task
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate every model of ``init_from``; write metrics.json, results.md and comparison.png."""
+    wall_start = time.perf_counter()
     e = cfg.evaluate
     run_dir = Path(cfg.paths.run_dir)
     dirs = model_dirs(cfg)
@@ -175,7 +196,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     hub_check = hub_checker()
     results = {label: evaluate_model(cfg, d, texts, tasks, hub_check) for label, d in zip(labels, dirs)}
-    metrics: dict[str, Any] = {"models": results, "config": to_dict(e)}
+    metrics: dict[str, Any] = {
+        "models": results,
+        "config": to_dict(e),
+        "device": str(device_for(e)),
+        "wall_time_s": round(time.perf_counter() - wall_start, 2),
+    }
     write_json(metrics, run_dir / "metrics.json")
     report = write_text(run_dir / "results.md", markdown_report(results, e.isotropy.layer))
     panels = chart_panels(results)

@@ -9,8 +9,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from afpt.adapt.expansion import expand_vocabulary
 from afpt.data import DataError, as_file_map, check_hub_reachable, hub_records, load_records, world_from_config
@@ -137,20 +138,25 @@ def encode_conversation(
     return {"input_ids": encoded["input_ids"], "labels": labels}
 
 
-def pad_collate(pad_token_id: int):
-    """A collate function that right-pads ids (pad), labels (-100) and builds the attention mask."""
+def pad_collate(pad_token_id: int, pad_to_multiple_of: int = 1):
+    """A collate function that right-pads ids (pad) and labels (-100) to the batch's longest example, rounded
+    up to ``pad_to_multiple_of`` (a few widths, so compiled training builds few graphs).
 
-    def collate(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
+    The batch has no attention mask: the padding sits to the right of causal rows whose positions start at 0,
+    so no real token attends to a pad, and pads carry label -100, so the loss equals the masked loss, and
+    compiled training keeps sdpa's unmasked causal kernels. ``real_tokens`` (an int) counts the non-pad tokens.
+    """
+
+    def collate(examples: list[dict[str, list[int]]]) -> dict[str, Any]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
         ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
         for row, e in enumerate(examples):
             n = len(e["input_ids"])
             ids[row, :n] = torch.tensor(e["input_ids"])
             labels[row, :n] = torch.tensor(e["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return {"input_ids": ids, "labels": labels, "real_tokens": sum(len(e["input_ids"]) for e in examples)}
 
     return collate
 
@@ -174,21 +180,42 @@ def encode_all(tokenizer, conversations, max_length: int, overflow: str, train_o
     return examples, overflowed
 
 
-class InstructDataModule(pl.LightningDataModule):
-    """Shuffled, padded conversations for training; held-out ones for validation."""
+BATCHING = ("length_grouped", "random")
 
-    def __init__(self, train: list, val: list, batch_size: int, pad_token_id: int, seed: int) -> None:
+
+class InstructDataModule(pl.LightningDataModule):
+    """Shuffled, right-padded conversations for training; held-out ones for validation.
+
+    ``batching``: ``length_grouped`` (transformers' ``LengthGroupedSampler``: batches of similar lengths drawn
+    from shuffled mega-batches, so little padding) or ``random`` (plain shuffling).
+    """
+
+    def __init__(
+        self,
+        train: list,
+        val: list,
+        batch_size: int,
+        pad_token_id: int,
+        seed: int,
+        batching: str = "length_grouped",
+        pad_to_multiple_of: int = 1,
+    ) -> None:
         super().__init__()
-        self.train, self.val, self.batch_size, self.seed = train, val, batch_size, seed
-        self.collate = pad_collate(pad_token_id)
+        if batching not in BATCHING:
+            raise DataError(f"instruct.batching={batching!r} is unknown; expected one of {BATCHING}")
+        self.train, self.val, self.batch_size, self.seed, self.batching = train, val, batch_size, seed, batching
+        self.collate = pad_collate(pad_token_id, pad_to_multiple_of)
         self.val_names = ["heldout"]
 
     def train_dataloader(self) -> DataLoader:
         """Training conversations, reshuffled every epoch from a seeded generator."""
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train, batch_size=self.batch_size, shuffle=True, generator=generator, collate_fn=self.collate
-        )
+        if self.batching == "random":
+            sampler = RandomSampler(self.train, generator=generator)
+        else:
+            lengths = [len(e["input_ids"]) for e in self.train]
+            sampler = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=generator)
+        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:
         """Held-out conversations."""

@@ -23,12 +23,14 @@ from afpt.instruct.chat import (
 from afpt.io import write_json
 from afpt.models import check_model_dir, load_model, save_model_dir
 from afpt.pretrain.module import CausalLMModule
+from afpt.speed.throughput import TokenThroughput
 from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, scalar_metrics, to_dict
 from afpt.tracking import publish_artifacts
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune ``init_from`` on instructions; write ``model/`` (with a ChatML template) and ``metrics.json``."""
+    wall_start = time.perf_counter()
     i = cfg.instruct
     run_dir = Path(cfg.paths.run_dir)
     source = init_from(cfg, "instruct")
@@ -49,7 +51,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     eval_convs = heldout_convs[: i.eval_questions]
     before = answer_metrics(model, tokenizer, eval_convs) if eval_convs else {}
 
-    datamodule = InstructDataModule(train, val, i.batch_size, tokenizer.pad_token_id, cfg.seed)
+    datamodule = InstructDataModule(
+        train, val, i.batch_size, tokenizer.pad_token_id, cfg.seed, i.batching, i.pad_to_multiple_of
+    )
     steps = i.epochs * math.ceil(len(train) / i.batch_size)
     module = CausalLMModule(model, **{**merged(cfg.optim, i.optim), "total_steps": steps})
     validation = {"check_val_every_n_epoch": 1 if val else None, "limit_val_batches": 1.0 if val else 0}
@@ -57,6 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     require_replicated(trainer, "instruct")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    train_time = time.perf_counter() - start
     after = answer_metrics(model, tokenizer, eval_convs) if eval_convs else {}
     metrics = {
         "stage": "instruct",
@@ -69,10 +74,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "max_length": max_length,
         "chatml_tokens_added": added,
         "global_step": trainer.global_step,
-        "train_time_s": round(time.perf_counter() - start, 2),
+        "train_time_s": round(train_time, 2),
+        "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
         "before": before,
         "after": after,
         **scalar_metrics(trainer),
+        "wall_time_s": round(time.perf_counter() - wall_start, 2),
     }
     if trainer.is_global_zero:
         save_model_dir(model, tokenizer, run_dir / "model")

@@ -23,6 +23,7 @@ from afpt.tracking import publish_artifacts
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain as ``cfg`` says; write ``model/``, ``metrics.json``, logs and a loss plot to the run dir."""
+    wall_start = time.perf_counter()
     run_dir = Path(cfg.paths.run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     model_cfg = ModelConfig.from_mapping(to_dict(cfg.model))
@@ -80,6 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **scalar_metrics(trainer),
     }
     state_dict = full_model_state_dict(trainer, module)  # a collective under FSDP: every rank calls
+    metrics["wall_time_s"] = round(time.perf_counter() - wall_start, 2)
     if trainer.is_global_zero:
         save_model_dir(module.model, tokenizer, run_dir / "model", state_dict)
         write_json(metrics, run_dir / "metrics.json")

@@ -50,7 +50,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 
 class TokenThroughput(Callback):
-    """Log ``perf/tokens_per_s``, ``perf/step_ms`` and ``perf/mfu`` every ``window`` optimizer steps.
+    """Log ``perf/tokens_per_s``, ``perf/step_ms`` and ``perf/mfu`` every ``window`` optimizer steps; for padded
+    batches (a ``real_tokens`` count in the batch) also ``perf/real_tokens_per_s`` and ``perf/padding_fraction``.
 
     Times whole windows, so the only host sync is one per window; the first window (warm-up,
     compilation) is logged but left out of ``summary()``.
@@ -63,6 +64,7 @@ class TokenThroughput(Callback):
         self._start: float | None = None
         self._start_step = 0
         self._tokens = 0
+        self._real_tokens = 0
         self._flops_per_token: float | None = None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -70,8 +72,11 @@ class TokenThroughput(Callback):
         if self._start is None:
             self._sync(pl_module)
             self._start, self._start_step, self._tokens = time.perf_counter(), trainer.global_step, 0
+            self._real_tokens = 0
         ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
         self._tokens += ids.numel() * trainer.world_size
+        if isinstance(batch, dict) and "real_tokens" in batch:
+            self._real_tokens += int(batch["real_tokens"]) * trainer.world_size
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -90,6 +95,9 @@ class TokenThroughput(Callback):
             "step_ms": 1000 * elapsed / steps,
             "compiled_graphs": float(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
         }
+        if self._real_tokens:
+            record["real_tokens_per_s"] = self._real_tokens / elapsed
+            record["padding_fraction"] = 1 - self._real_tokens / self._tokens
         peak = peak_flops(pl_module.device)
         if peak:
             seq = (batch["input_ids"] if isinstance(batch, dict) else batch[0]).shape[-1]
@@ -102,6 +110,7 @@ class TokenThroughput(Callback):
                 # A host tensor: a Python number would be copied to the device, a blocking copy.
                 pl_module.log(f"perf/{key}", torch.tensor(value), on_step=True, on_epoch=False)
         self._start, self._start_step, self._tokens = time.perf_counter(), trainer.global_step, 0
+        self._real_tokens = 0
 
     def summary(self) -> dict[str, float]:
         """Means of the windows after the first (steady state; all windows if there is only one),

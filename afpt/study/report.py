@@ -30,6 +30,10 @@ def headline(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> 
         if f"instruct_{arm}" in results:
             out[f"{arm}/instruct/answer_logprob"] = results[f"instruct_{arm}"]["after"]["answer_logprob_per_token"]
     out["adapt_ppl_char_gain"] = out["baseline/adapt/mean_ppl_char"] - out["af/adapt/mean_ppl_char"]
+    for arm in ARMS:
+        for lang, ratios in retention(evaluation["models"], arm).items():
+            for step, ratio in ratios.items():
+                out[f"{arm}/retention/{lang}/{step}"] = ratio
     wanted = (
         "/isotropy/mean/self_similarity",
         "/isotropy/mean/self_similarity_adjusted",
@@ -38,6 +42,46 @@ def headline(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> 
     )
     out.update({f"eval/{k}": v for k, v in flat_metrics(evaluation["models"]).items() if k.endswith(wanted)})
     return out
+
+
+def retention(models: dict[str, Any], arm: str) -> dict[str, dict[str, float]]:
+    """Per language, the per-character perplexity of the ``arm``'s adapted and instructed models over its
+    pretrained model's (1 = kept, 2 = doubled), for every language the evaluation scored."""
+    base = models.get(arm, {}).get("perplexity", {})
+    out: dict[str, dict[str, float]] = {}
+    for lang, values in base.items():
+        for step in ("adapted", "instructed"):
+            later = models.get(f"{arm}_{step}", {}).get("perplexity", {}).get(lang)
+            if later:
+                out.setdefault(lang, {})[step] = later["ppl_char"] / values["ppl_char"]
+    return out
+
+
+def stage_rows(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> list[str]:
+    """Markdown rows: each stage run's wall time, training time and throughput (steady-state windows)."""
+    rows = [
+        "| stage | wall time (s) | training (s) | tokens/s | real (non-pad) tokens/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def number(value: Any, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, (int, float)) else "–"
+
+    for name, r in results.items():
+        if name == "evaluate":
+            continue
+        t = r.get("throughput") or {}
+        rows.append(
+            f"| {name} | {number(r.get('wall_time_s'), '.1f')} | {number(r.get('train_time_s'), '.1f')} | "
+            f"{number(t.get('tokens_per_s'), ',.0f')} | {number(t.get('real_tokens_per_s'), ',.0f')} | "
+            f"{number(t.get('mfu'), '.1%')} |"
+        )
+    n = len(evaluation["models"])
+    rows.append(
+        f"| evaluate ({n} models, {evaluation.get('device', '?')}) | "
+        f"{number(evaluation.get('wall_time_s'), '.1f')} | – | – | – | – |"
+    )
+    return rows
 
 
 def _forgetting(forgetting: DictConfig) -> str:
@@ -79,7 +123,14 @@ def write_report(study: Path, results: dict[str, dict[str, Any]], evaluation: di
     lines.append("")
     for arm in ARMS:
         lines += _image(report, study / f"pretrain_{arm}" / "loss.png", f"pretraining loss, {arm}")
+    ada = results["adapt_af"]
     lines += ["## Adaptation (held-out languages)", ""]
+    lines += [
+        f"Perplexities of the first {ada.get('perplexity_docs', '?')} held-out documents per language, each cut to "
+        f"{ada.get('perplexity_context', '?')} tokens: the evaluate stage's definition, so the adapted models' "
+        "numbers below and there agree.",
+        "",
+    ]
     lines += [
         "| arm | language | ppl/token before | ppl/token after | ppl/char before | ppl/char after |",
         "|---|---|---:|---:|---:|---:|",
@@ -108,6 +159,25 @@ def write_report(study: Path, results: dict[str, dict[str, Any]], evaluation: di
                 f"{r['after']['exact_match']:.2f} |"
             )
         lines.append("")
+    lines += ["## Retention: per-character perplexity after adaptation and instruction tuning", ""]
+    lines += [
+        "Each language's per-character perplexity (the evaluate stage's) of the adapted and instructed models over "
+        "the same arm's pretrained model: 1.00 kept, 2.00 doubled.",
+        "",
+        "| arm | language | pretrained | adapted | instructed | adapted / pretrained | instructed / pretrained |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    models = evaluation["models"]
+    for arm in ARMS:
+        for lang, ratios in retention(models, arm).items():
+            values = [
+                models.get(m, {}).get("perplexity", {}).get(lang, {}).get("ppl_char")
+                for m in (arm, f"{arm}_adapted", f"{arm}_instructed")
+            ]
+            cells = [f"{v:.3f}" if v else "–" for v in values]
+            cells += [f"{ratios[s]:.2f}" if s in ratios else "–" for s in ("adapted", "instructed")]
+            lines.append(f"| {arm} | {lang} | " + " | ".join(cells) + " |")
+    lines += ["", "## Time and throughput of each stage", "", *stage_rows(results, evaluation), ""]
     lines += ["## Evaluation of every model", ""]
     lines += markdown_tables(evaluation["models"], evaluation["config"]["isotropy"]["layer"], level=3)
     lines += _image(report, study / "evaluate" / "comparison.png", "evaluation of every model")
