@@ -150,7 +150,7 @@ def test_right_padding_without_a_mask_gives_the_masked_loss():
 def test_length_grouped_batches_pad_less_than_random_ones():
     """Length-grouped batching (the default) draws the same conversations with far fewer pad tokens."""
     rng = random.Random(0)
-    examples = _examples([rng.randint(8, 250) for _ in range(400)])
+    examples = _examples([rng.randint(8, 250) for _ in range(2000)])
     padding = {}
     for batching in ("length_grouped", "random"):
         module = InstructDataModule(examples, [], batch_size=16, pad_token_id=0, seed=0, batching=batching)
