@@ -127,6 +127,7 @@ def write_jsonl(records: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("experiments/data/manpages"))
+    parser.add_argument("--cache", type=Path, default=Path("experiments/data/debs"), help="downloaded packages")
     parser.add_argument("--pretrain", nargs="+", default=PRETRAIN)
     parser.add_argument("--new", nargs="+", default=NEW)
     parser.add_argument("--validation-percent", type=int, default=5)
@@ -137,7 +138,7 @@ def main() -> None:
     overlap = sorted(set(args.pretrain) & set(args.new))
     if overlap:
         parser.error(f"--pretrain and --new share {overlap}")
-    cache = args.out / "debs"
+    cache = args.cache
     cache.mkdir(parents=True, exist_ok=True)
     rows, instruct = [], []
     with ProcessPoolExecutor(args.workers) as pool:
