@@ -11,6 +11,8 @@ import pytest
 from helpers import TINY, compose_config
 
 import afpt.study.pipeline as pipeline
+from afpt.data import world_from_config
+from afpt.instruct.chat import world_conversations
 
 FAST_STUDY = [
     "stage=pipeline",
@@ -69,7 +71,9 @@ def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     # Retention: every evaluated language's ratio after adaptation and instruction tuning, in the report too.
     models = evaluation["models"]
     for lang in ("en", "xa", "xd"):
-        expected = models["af_instructed"]["perplexity"][lang]["ppl_char"] / models["af"]["perplexity"][lang]["ppl_char"]
+        expected = (
+            models["af_instructed"]["perplexity"][lang]["ppl_char"] / models["af"]["perplexity"][lang]["ppl_char"]
+        )
         assert out[f"af/retention/{lang}/instructed"] == pytest.approx(expected)
         assert f"| af | {lang} | {models['af']['perplexity'][lang]['ppl_char']:.3f} |" in report
     # Each stage's wall time and throughput; instruct counts its real (non-pad) tokens.
@@ -136,6 +140,44 @@ def test_every_experiment_config_runs(tmp_path, name):
 
         metrics = pretrain.run(compose_config(tmp_path, overrides, tiny=False))
         assert metrics["global_step"] == 6
+    elif name == "real_text":
+        # The man-page corpus is experiment data: the config runs here on world text in the same file layout.
+        cfg = compose_config(tmp_path, [f"experiment={name}"])
+        new = list(cfg.data.new_languages)
+        assert set(new).isdisjoint(cfg.data.languages or []) and set(new) <= set(cfg.data.files)
+        assert cfg.evaluate.heldout.files == cfg.data.validation_files and cfg.instruct.source == "dataset"
+        corpus = tmp_path / "corpus"
+        world = world_from_config(cfg.data.world)
+        docs = {
+            code: {part: world.documents(code, part, n) for part, n in (("train", 150), ("validation", 20))}
+            for code in ("en", "xa", "xd")
+        }
+        for i, lang in enumerate(cfg.data.files):
+            for part, chunk in docs[["en", "xa", "xd"][i % 3]].items():
+                (corpus / lang).mkdir(parents=True, exist_ok=True)
+                (corpus / lang / f"{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in chunk))
+        chats = [{"messages": m} for m in world_conversations(world, 0.1)[0][:40]]
+        (corpus / "instruct.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+        fast = [o for o in FAST_STUDY if not o.startswith("evaluate.world_tasks")]
+        out = pipeline.run(
+            compose_config(
+                tmp_path / "study",
+                [
+                    f"experiment={name}",
+                    f"corpus_dir={corpus}",
+                    "model=tiny",
+                    "trainer.max_steps=4",
+                    "forgetting.every_n_steps=2",
+                    "data.block_size=64",
+                    "data.batch_size=4",
+                    "instruct.batch_size=8",
+                    "data.tokenizer.sample_docs=50",
+                    *fast,
+                ],
+            )
+        )
+        assert {f"af/adapt/{lang}/ppl_char" for lang in new} <= set(out)
+        assert "af/retention/en/instructed" in out
     else:
         cfg = compose_config(tmp_path, [f"experiment={name}"])
         assert cfg.stage.name == "pipeline"

@@ -1,0 +1,191 @@
+"""Summarise real-text pipelines (``experiment=real_text``): the AF vs baseline table and the adaptation curves.
+
+    python3 experiments/real_text_report.py runs/real_text --out experiments/results/<date>_real_text
+
+Reads every ``<root>/**/adapt_{af,baseline}/metrics.json`` (and the pretraining and instruction metrics beside it),
+groups runs into cells by (model, pretraining steps, K), and writes ``summary.md`` and ``summary.csv`` (per new
+language: per-character perplexity after adaptation, mean +- std over seeds for each arm, and the paired
+difference baseline - AF in units of its standard error) and ``curves.png`` (validation curves of each new language
+per character, AF vs baseline, one panel per language and cell). Every run found is in the table; a run whose
+baseline (or AF) arm did not finish is listed as unpaired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from afpt.io import read_metric  # noqa: E402
+
+CELL = re.compile(r"(?P<model>llama_\w+?)_s(?P<steps>\d+)_k(?P<k>\d+)_seed(?P<seed>\d+)$")
+
+
+def load(path: Path) -> dict | None:
+    """A metrics.json, or None if that stage did not finish."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def runs(root: Path) -> dict[tuple[str, int, int], dict[int, dict[str, dict | None]]]:
+    """{(model, steps, K): {seed: {stage_arm: metrics or None}}} for every pipeline directory under ``root``."""
+    out: dict = defaultdict(dict)
+    for d in sorted(p for p in root.rglob("*") if p.is_dir() and CELL.search(p.name)):
+        m = CELL.search(d.name)
+        key = (m["model"], int(m["steps"]), int(m["k"]))
+        stages = {
+            f"{s}_{a}": load(d / f"{s}_{a}" / "metrics.json")
+            for s in ("pretrain", "adapt", "instruct")
+            for a in ("af", "baseline")
+        }
+        stages["dir"] = d
+        out[key][int(m["seed"])] = stages
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def after_ppl_char(after: dict, lang: str) -> float:
+    """One language's per-character perplexity after adaptation, or the mean over languages (``mean``)."""
+    if lang == "mean":
+        return statistics.fmean(v["ppl_char"] for v in after.values())
+    return after[lang]["ppl_char"]
+
+
+def table(cells) -> tuple[list[str], list[dict]]:
+    """Markdown lines and CSV rows of the adaptation table, and a pretraining-loss table."""
+    lines = [
+        "| model | steps | K | language | n | AF ppl/char after | baseline ppl/char after | baseline - AF | SE units |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = []
+    for (model, steps, k), seeds in sorted(cells.items()):
+        paired = {s: r for s, r in seeds.items() if r["adapt_af"] and r["adapt_baseline"]}
+        langs = next(iter(paired.values()))["adapt_af"]["languages"] + ["mean"] if paired else []
+        for lang in langs:
+            af, base = [], []
+            for r in paired.values():
+                a, b = r["adapt_af"]["after"], r["adapt_baseline"]["after"]
+                af.append(after_ppl_char(a, lang))
+                base.append(after_ppl_char(b, lang))
+            diffs = [b - a for a, b in zip(af, base)]
+            (ma, sa), (mb, sb), (md, sd) = mean_std(af), mean_std(base), mean_std(diffs)
+            se = sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+            units = md / se if se and se > 0 else float("nan")
+            lines.append(
+                f"| {model} | {steps} | {k} | {lang} | {len(diffs)} | {ma:.3f} ± {sa:.3f} | {mb:.3f} ± {sb:.3f} | "
+                f"{md:+.3f} ± {sd:.3f} | {units:+.1f} |"
+            )
+            rows.append(
+                {
+                    "model": model,
+                    "steps": steps,
+                    "K": k,
+                    "language": lang,
+                    "n": len(diffs),
+                    "af_mean": ma,
+                    "af_std": sa,
+                    "baseline_mean": mb,
+                    "baseline_std": sb,
+                    "diff_mean": md,
+                    "diff_std": sd,
+                    "diff_se_units": units,
+                }
+            )
+        unpaired = sorted(s for s in seeds if s not in paired)
+        if unpaired:
+            lines.append(
+                f"| {model} | {steps} | {k} | (seeds {unpaired}: an arm's adaptation did not finish) "
+                "| 0 | – | – | – | – |"
+            )
+    lines += [
+        "",
+        "| model | steps | K | seed | AF val loss | baseline val loss | AF resets | pretraining tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (model, steps, k), seeds in sorted(cells.items()):
+        for seed, r in sorted(seeds.items()):
+            af, base = r["pretrain_af"], r["pretrain_baseline"]
+            lines.append(
+                f"| {model} | {steps} | {k} | {seed} | {af['val/loss']:.3f} | "
+                + (f"{base['val/loss']:.3f}" if base else "not finished")
+                + f" | {len(af['resets'])} | {af['tokens_seen']:,} |"
+            )
+    return lines, rows
+
+
+def curves(cells, out: Path) -> None:
+    """``curves.png``: per-character validation perplexity of each new language during adaptation, AF vs baseline
+    (mean over seeds; points at every validation, starting from the 'before' number)."""
+    keys = [
+        k for k, seeds in sorted(cells.items()) if any(r["adapt_af"] and r["adapt_baseline"] for r in seeds.values())
+    ]
+    if not keys:
+        return
+    langs = next(r for r in cells[keys[0]].values() if r["adapt_af"])["adapt_af"]["languages"]
+    fig, axes = plt.subplots(len(keys), len(langs), figsize=(3.2 * len(langs), 2.6 * len(keys)), squeeze=False)
+    for row, key in enumerate(keys):
+        for col, lang in enumerate(langs):
+            ax = axes[row][col]
+            for arm, color in (("af", "tab:red"), ("baseline", "tab:blue")):
+                series = defaultdict(list)
+                for r in cells[key].values():
+                    m = r[f"adapt_{arm}"]
+                    if not m or not r["adapt_baseline" if arm == "af" else "adapt_af"]:
+                        continue
+                    end = m["after"][lang]
+                    chars_per_token = math.log(end["ppl_token"]) / math.log(end["ppl_char"])
+                    tokens_per_step = m["tokens_seen"] / max(1, m["global_step"])
+                    series[0].append(m["before"][lang]["ppl_char"])
+                    for step, value in read_metric(r["dir"] / f"adapt_{arm}", f"val/ppl/{lang}"):
+                        series[step * tokens_per_step].append(value ** (1 / chars_per_token))
+                    series[m["tokens_seen"]].append(end["ppl_char"])
+                xs = sorted(series)
+                ax.plot(
+                    [x / 1e6 for x in xs], [statistics.fmean(series[x]) for x in xs], color=color, label=arm, marker="."
+                )
+            ax.set_yscale("log")
+            ax.set_title(f"{key[0]} {key[1]} steps: {lang}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if row == len(keys) - 1:
+                ax.set_xlabel("adaptation tokens (M)", fontsize=7)
+            if col == 0:
+                ax.set_ylabel("ppl / char", fontsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    cells = runs(args.root)
+    if not cells:
+        parser.error(f"no real-text pipeline directories (<model>_s<steps>_k<K>_seed<n>) under {args.root}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines, rows = table(cells)
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    with open(args.out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    curves(cells, args.out)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
