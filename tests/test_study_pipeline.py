@@ -70,12 +70,16 @@ def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
             assert values["ppl_char"] == pytest.approx(scored, rel=1e-4), (arm, lang)
     # Retention: every evaluated language's ratio after adaptation and instruction tuning, in the report too.
     models = evaluation["models"]
+
+    def ppl(model: str, lang: str) -> float:
+        return models[model]["perplexity"][lang]["ppl_char"]
+
     for lang in ("en", "xa", "xd"):
-        expected = (
-            models["af_instructed"]["perplexity"][lang]["ppl_char"] / models["af"]["perplexity"][lang]["ppl_char"]
-        )
+        expected = ppl("af_instructed", lang) / ppl("af_adapted", lang)
         assert out[f"af/retention/{lang}/instructed"] == pytest.approx(expected)
-        assert f"| af | {lang} | {models['af']['perplexity'][lang]['ppl_char']:.3f} |" in report
+    assert out["af/retention/en/adapted"] == pytest.approx(ppl("af_adapted", "en") / ppl("af", "en"))
+    assert "af/retention/xd/adapted" not in out  # a new language has no 'before' to retain
+    assert re.search(r"\| af \| xd \| [^|]+ \| [^|]+ \| [^|]+ \| new \| [0-9.]+x \|", report)
     # Each stage's wall time and throughput; instruct counts its real (non-pad) tokens.
     assert "## Time and throughput of each stage" in report
     instructed = json.loads((study / "instruct_af" / "metrics.json").read_text())

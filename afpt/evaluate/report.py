@@ -35,7 +35,8 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str
     return rows
 
 
-def _fmt(value: float | None) -> str:
+def format_value(value: float | None) -> str:
+    """A table cell: 4 decimals below 10, 2 above, 3 significant digits from 1e5, and – for a missing value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if abs(value) >= 1e5:
@@ -66,7 +67,7 @@ def markdown_tables(results: dict[str, dict[str, Any]], isotropy_layer: int, lev
         lines += [f"{heading} {title}", "", f"| {first} | metric | " + " | ".join(labels) + " |"]
         lines.append("|---|---|" + "---:|" * len(labels))
         for _, name, metric, values in section_rows:
-            lines.append(f"| {name} | {metric} | " + " | ".join(_fmt(v) for v in values) + " |")
+            lines.append(f"| {name} | {metric} | " + " | ".join(format_value(v) for v in values) + " |")
         lines.append("")
     failed = {(m, t): err for m in labels for t, err in results[m]["failed_tasks"].items()}
     if failed:

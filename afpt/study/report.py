@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from afpt.evaluate.report import flat_metrics, markdown_tables
+from afpt.evaluate.report import flat_metrics, format_value, markdown_tables
 from afpt.io import write_text
 
 log = logging.getLogger("afpt")
@@ -31,7 +31,8 @@ def headline(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> 
             out[f"{arm}/instruct/answer_logprob"] = results[f"instruct_{arm}"]["after"]["answer_logprob_per_token"]
     out["adapt_ppl_char_gain"] = out["baseline/adapt/mean_ppl_char"] - out["af/adapt/mean_ppl_char"]
     for arm in ARMS:
-        for lang, ratios in retention(evaluation["models"], arm).items():
+        new = results[f"adapt_{arm}"]["languages"]
+        for lang, ratios in retention(evaluation["models"], arm, new).items():
             for step, ratio in ratios.items():
                 out[f"{arm}/retention/{lang}/{step}"] = ratio
     wanted = (
@@ -44,16 +45,21 @@ def headline(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> 
     return out
 
 
-def retention(models: dict[str, Any], arm: str) -> dict[str, dict[str, float]]:
-    """Per language, the per-character perplexity of the ``arm``'s adapted and instructed models over its
-    pretrained model's (1 = kept, 2 = doubled), for every language the evaluation scored."""
-    base = models.get(arm, {}).get("perplexity", {})
+def retention(models: dict[str, Any], arm: str, new_languages: list[str]) -> dict[str, dict[str, float]]:
+    """Per language the evaluation scored, how each step changed the ``arm``'s per-character perplexity:
+    ``adapted`` = adapted / pretrained (for the pretraining languages; the new ones were unknown before) and
+    ``instructed`` = instructed / adapted (1 = kept, 2 = doubled)."""
+
+    def ppl(model: str, lang: str) -> float | None:
+        return (models.get(model, {}).get("perplexity", {}).get(lang) or {}).get("ppl_char")
+
     out: dict[str, dict[str, float]] = {}
-    for lang, values in base.items():
-        for step in ("adapted", "instructed"):
-            later = models.get(f"{arm}_{step}", {}).get("perplexity", {}).get(lang)
-            if later:
-                out.setdefault(lang, {})[step] = later["ppl_char"] / values["ppl_char"]
+    for lang in models.get(arm, {}).get("perplexity", {}):
+        pretrained, adapted, instructed = (ppl(m, lang) for m in (arm, f"{arm}_adapted", f"{arm}_instructed"))
+        if adapted and lang not in new_languages:
+            out.setdefault(lang, {})["adapted"] = adapted / pretrained
+        if adapted and instructed:
+            out.setdefault(lang, {})["instructed"] = instructed / adapted
     return out
 
 
@@ -161,21 +167,26 @@ def write_report(study: Path, results: dict[str, dict[str, Any]], evaluation: di
         lines.append("")
     lines += ["## Retention: per-character perplexity after adaptation and instruction tuning", ""]
     lines += [
-        "Each language's per-character perplexity (the evaluate stage's) of the adapted and instructed models over "
-        "the same arm's pretrained model: 1.00 kept, 2.00 doubled.",
+        "Each language's per-character perplexity (the evaluate stage's) for each model of an arm, and how each step "
+        "changed it: adaptation (adapted / pretrained; not for the new languages, unknown before it) and instruction "
+        "tuning (instructed / adapted). 1.00 kept, 2.00 doubled.",
         "",
-        "| arm | language | pretrained | adapted | instructed | adapted / pretrained | instructed / pretrained |",
+        "| arm | language | pretrained | adapted | instructed | adaptation | instruction tuning |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     models = evaluation["models"]
     for arm in ARMS:
-        for lang, ratios in retention(models, arm).items():
+        new = results[f"adapt_{arm}"]["languages"]
+        for lang, ratios in retention(models, arm, new).items():
             values = [
                 models.get(m, {}).get("perplexity", {}).get(lang, {}).get("ppl_char")
                 for m in (arm, f"{arm}_adapted", f"{arm}_instructed")
             ]
-            cells = [f"{v:.3f}" if v else "–" for v in values]
-            cells += [f"{ratios[s]:.2f}" if s in ratios else "–" for s in ("adapted", "instructed")]
+            cells = [format_value(v) for v in values]
+            cells += [
+                f"{ratios[s]:.2f}x" if s in ratios else "new" if s == "adapted" else "–"
+                for s in ("adapted", "instructed")
+            ]
             lines.append(f"| {arm} | {lang} | " + " | ".join(cells) + " |")
     lines += ["", "## Time and throughput of each stage", "", *stage_rows(results, evaluation), ""]
     lines += ["## Evaluation of every model", ""]
