@@ -1,11 +1,15 @@
-"""Adaptation against pretraining, tokens/s of the same model measured in one process.
+"""Adaptation and instruction tuning against pretraining, tokens/s of the same model measured in one process.
 
 For each model: ``afpt stage=pretrain`` for ``--steps`` steps (compiled on CUDA, forgetting on), then
 ``afpt stage=adapt`` of the model it saved for the same number of steps at the same batch and sequence
 length (the default policy: the body frozen, so its weight-gradient GEMMs are not run; compiled on CUDA
 by default). Both stages read the embedded world; the embedding is the tokenizer's (padded to 64), so
-the adapted model's is larger (the merged vocabulary), which costs adaptation, not pretraining. Prints a
-table and writes the rows as JSON to ``--out`` (default: $OUT or benchmarks/).
+the adapted model's is larger (the merged vocabulary), which costs adaptation, not pretraining. Then
+``afpt stage=instruct`` of the adapted model on multi-turn ChatML conversations built from the world's English
+questions (a random 2 to ``--max-turns`` turns each, so lengths vary up to the sequence length; ``--batch``
+conversations per step, length-grouped and right-padded, compiled on CUDA), for about ``--steps`` steps; its
+``x_pretrain`` is real (non-pad) tokens/s over pretraining tokens/s. Prints a table and writes the rows as JSON
+to ``--out`` (default: $OUT or benchmarks/).
 
     python benchmarks/stages.py --models llama_124m mistral_400m --steps 200 --batch 64
 """
@@ -13,7 +17,9 @@ table and writes the rows as JSON to ``--out`` (default: $OUT or benchmarks/).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +31,9 @@ from omegaconf import open_dict
 from record import device_name, print_table, write_record
 
 import afpt.adapt.stage as adapt
+import afpt.instruct.stage as instruct
 import afpt.pretrain.stage as pretrain
+from afpt.data import world_from_config
 
 
 def config(overrides: list[str], run_dir: str):
@@ -39,8 +47,21 @@ def config(overrides: list[str], run_dir: str):
     return cfg
 
 
-def measure(model: str, steps: int, batch: int, seq: int, extra: list[str]) -> list[dict]:
-    """Pretrain then adapt ``model``; one row per stage."""
+def conversations(cfg, count: int, max_turns: int, seed: int) -> list[dict]:
+    """``count`` multi-turn ChatML conversations (``messages`` records) of 2 to ``max_turns`` world Q&A turns."""
+    pairs = list(world_from_config(cfg.data.world).qa_pairs("en"))
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        turns = []
+        for question, answer, _ in rng.sample(pairs, rng.randint(2, max_turns)):
+            turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        out.append({"messages": turns})
+    return out
+
+
+def measure(model: str, steps: int, batch: int, seq: int, max_turns: int, extra: list[str]) -> list[dict]:
+    """Pretrain, adapt, then instruction-tune ``model``; one row per stage."""
     common = [
         f"model={model}",
         "trainer=gpu" if torch.cuda.is_available() else "trainer=cpu",
@@ -78,7 +99,30 @@ def measure(model: str, steps: int, batch: int, seq: int, extra: list[str]) -> l
         start = time.perf_counter()
         metrics = adapt.run(cfg)
         rows.append(row(model, "adapt", metrics, time.perf_counter() - start))
+        chats = Path(root) / "chats.jsonl"
+        chats.write_text("".join(json.dumps(c) + "\n" for c in conversations(cfg, steps * batch, max_turns, 0)))
+        cfg = config(
+            [
+                *common,
+                f"init_from={ada_dir}/model",
+                "instruct.source=dataset",
+                "instruct.format=messages",
+                f"instruct.files={chats}",
+                f"instruct.max_length={seq}",
+                "instruct.overflow=truncate",
+                f"instruct.batch_size={batch}",
+                "instruct.epochs=1",
+                "instruct.heldout_fraction=0.01",
+                "instruct.eval_questions=0",
+            ],
+            str(Path(root) / "instruct"),
+        )
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        metrics = instruct.run(cfg)
+        rows.append(row(model, "instruct", metrics, time.perf_counter() - start))
     rows[1]["x_pretrain"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    rows[2]["x_pretrain"] = (rows[2]["real_tokens_per_s"] or 0) / rows[0]["tokens_per_s"]
     return rows
 
 
@@ -90,6 +134,8 @@ def row(model: str, stage: str, metrics: dict, wall: float) -> dict:
         "stage": stage,
         "steps": metrics["global_step"],
         "tokens_per_s": throughput.get("tokens_per_s"),
+        "real_tokens_per_s": throughput.get("real_tokens_per_s"),
+        "padding_fraction": throughput.get("padding_fraction"),
         "step_ms": throughput.get("step_ms"),
         "recompiles_after_warmup": throughput.get("recompiles_after_warmup"),
         "graph_breaks": throughput.get("graph_breaks"),
@@ -106,14 +152,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--max-turns", type=int, default=40, help="most Q&A turns in one instruct conversation")
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both stages")
     args = parser.parse_args()
     rows: list[dict] = []
     for model in args.models:
-        rows += measure(model, args.steps, args.batch, args.seq, args.overrides)
+        rows += measure(model, args.steps, args.batch, args.seq, args.max_turns, args.overrides)
         write_record(Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json", args, rows)
-    print_table(rows, ["model", "stage", "steps", "tokens_per_s", "step_ms", "x_pretrain", "recompiles_after_warmup"])
+    columns = ["model", "stage", "steps", "tokens_per_s", "real_tokens_per_s", "padding_fraction", "step_ms"]
+    print_table(rows, [*columns, "x_pretrain", "recompiles_after_warmup"])
 
 
 if __name__ == "__main__":

@@ -53,6 +53,21 @@ def test_overlong_conversations_are_skipped_with_a_count(tmp_path):
     assert not (tmp_path / "i" / "model").exists()
 
 
+def test_tuning_without_heldout_conversations_trains_every_one(tmp_path):
+    """heldout_fraction=0: no validation and no before/after questions, every conversation trains."""
+    base = tmp_path / "pretrain"
+    pretrain.run(compose_config(base, ["forgetting=none", "trainer.max_steps=2", "model.max_position_embeddings=256"]))
+    overrides = [
+        "stage=instruct",
+        f"init_from={base / 'model'}",
+        "instruct.heldout_fraction=0",
+        "instruct.max_length=256",
+    ]
+    metrics = instruct.run(compose_config(tmp_path / "i", [*overrides, "instruct.epochs=1", "instruct.batch_size=64"]))
+    assert metrics["heldout_conversations"] == 0 and metrics["before"] == {}
+    assert metrics["global_step"] == -(-metrics["train_conversations"] // 64) and (tmp_path / "i" / "model").is_dir()
+
+
 def test_empty_instruction_file_is_refused(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")

@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     steps = i.epochs * math.ceil(len(train) / i.batch_size)
     module = CausalLMModule(model, **{**merged(cfg.optim, i.optim), "total_steps": steps})
-    validation = {"check_val_every_n_epoch": 1 if val else None, "limit_val_batches": 1.0 if val else 0}
+    validation = {"check_val_every_n_epoch": 1, "limit_val_batches": 1.0 if val else 0}
     trainer = build_trainer(cfg, run_dir, [], **{**to_dict(i.trainer), **validation})
     require_replicated(trainer, "instruct")
     start = time.perf_counter()
