@@ -3,7 +3,8 @@
 # (eager, one CPU thread each), then the table and curves. Cells are MODEL:STEPS:K.
 #   experiments/real_text.sh OUT_DIR llama_6m:600:120 llama_20m:600:120 [...]
 # CORPUS (default experiments/data/manpages, from experiments/real_text_corpus.py), SEEDS (default "0 1 2"),
-# LIMIT (seconds per pipeline, default none) and EXTRA (more overrides for every job) are read from the
+# LIMIT (seconds per pipeline, default none), TRAINER (default "trainer=gpu") and EXTRA (more overrides for
+# every job) are read from the
 # environment. A pipeline stopped by LIMIT resumes when the script runs again with the same OUT_DIR.
 set -uo pipefail
 out=$(realpath -m "$1"); shift
@@ -14,7 +15,7 @@ for cell in "$@"; do
   IFS=: read -r model steps k <<< "$cell"
   for seed in ${SEEDS:-0 1 2}; do
     name="rt_${model}_s${steps}_k${k}_seed${seed}"
-    (cd "$out" && ${LIMIT:+timeout "$LIMIT"} afpt experiment=real_text "corpus_dir=$corpus" trainer=gpu \
+    (cd "$out" && ${LIMIT:+timeout "$LIMIT"} afpt experiment=real_text "corpus_dir=$corpus" ${TRAINER:-trainer=gpu} \
       "model=$model" "trainer.max_steps=$steps" "trainer.val_check_interval=$((steps / 4))" \
       "forgetting.every_n_steps=$k" "seed=$seed" optim.compile=false data.num_workers=0 \
       trainer.enable_progress_bar=false "name=$name" ${EXTRA:-} > "$out/$name.log" 2>&1

@@ -2,7 +2,8 @@
 
     python3 experiments/real_text_report.py runs/real_text --out experiments/results/<date>_real_text
 
-Reads every ``<root>/**/adapt_{af,baseline}/metrics.json`` (and the pretraining and instruction metrics beside it),
+Reads every pipeline directory ``<root>/**/rt_<model>_s<steps>_k<K>_seed<n>`` (as ``real_text.sh`` names them):
+its ``adapt_{af,baseline}/metrics.json`` (and the pretraining and instruction metrics beside it),
 groups runs into cells by (model, pretraining steps, K), and writes ``summary.md`` and ``summary.csv`` (per new
 language: per-character perplexity after adaptation, mean +- std over seeds for each arm, and the paired
 difference baseline - AF in units of its standard error) and ``curves.png`` (validation curves of each new language
@@ -28,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from afpt.io import read_metric  # noqa: E402
 
-CELL = re.compile(r"(?P<model>llama_\w+?)_s(?P<steps>\d+)_k(?P<k>\d+)_seed(?P<seed>\d+)$")
+CELL = re.compile(r"^rt_(?P<model>\w+?)_s(?P<steps>\d+)_k(?P<k>\d+)_seed(?P<seed>\d+)$")
 
 
 def load(path: Path) -> dict | None:
@@ -86,7 +87,7 @@ def table(cells) -> tuple[list[str], list[dict]]:
             units = md / se if se and se > 0 else float("nan")
             lines.append(
                 f"| {model} | {steps} | {k} | {lang} | {len(diffs)} | {ma:.3f} ± {sa:.3f} | {mb:.3f} ± {sb:.3f} | "
-                f"{md:+.3f} ± {sd:.3f} | {units:+.1f} |"
+                f"{md:+.3f} ± {sd:.3f} | {'–' if math.isnan(units) else f'{units:+.1f}'} |"
             )
             rows.append(
                 {
@@ -175,7 +176,9 @@ def main() -> None:
     args = parser.parse_args()
     cells = runs(args.root)
     if not cells:
-        parser.error(f"no real-text pipeline directories (<model>_s<steps>_k<K>_seed<n>) under {args.root}")
+        parser.error(
+            f"no real-text pipeline directories (rt_<model>_s<steps>_k<K>_seed<n>, as real_text.sh names them) under {args.root}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     lines, rows = table(cells)
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
