@@ -160,3 +160,5 @@ def test_length_grouped_batches_pad_less_than_random_ones():
     assert padding["length_grouped"] < 0.1 and padding["random"] > 0.3, padding
     with pytest.raises(DataError, match="instruct.batching='sorted'"):
         InstructDataModule(examples, [], 16, 0, 0, batching="sorted")
+    with pytest.raises(DataError, match="instruct.pad_to_multiple_of must be a positive integer, got 0"):
+        InstructDataModule(examples, [], 16, 0, 0, pad_to_multiple_of=0)

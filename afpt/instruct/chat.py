@@ -203,6 +203,8 @@ class InstructDataModule(pl.LightningDataModule):
         super().__init__()
         if batching not in BATCHING:
             raise DataError(f"instruct.batching={batching!r} is unknown; expected one of {BATCHING}")
+        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+            raise DataError(f"instruct.pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
         self.train, self.val, self.batch_size, self.seed, self.batching = train, val, batch_size, seed, batching
         self.collate = pad_collate(pad_token_id, pad_to_multiple_of)
         self.val_names = ["heldout"]
