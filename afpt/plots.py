@@ -31,6 +31,15 @@ def plot_loss_with_resets(run_dir: Path, reset_steps: Sequence[int], path: Path,
     return _save(fig, path)
 
 
+def validation_curve_per_char(
+    run_dir: Path, lang: str, end: dict[str, float], tokens_per_step: float
+) -> list[tuple[float, float]]:
+    """(adaptation tokens, per-character perplexity) of ``lang``'s validation blocks in a run's logs: per token
+    there, turned per character with ``end``'s (the held-out documents') characters per token."""
+    chars_per_token = math.log(end["ppl_token"]) / math.log(end["ppl_char"]) if end["ppl_char"] > 1 else 1.0
+    return [(s * tokens_per_step, v ** (1 / chars_per_token)) for s, v in read_metric(run_dir, f"val/ppl/{lang}")]
+
+
 def plot_adaptation(
     run_dir: Path,
     before: dict[str, dict[str, float]],
@@ -47,10 +56,7 @@ def plot_adaptation(
     fig, ax = plt.subplots(figsize=(8, 4.5))
     curves, top = {}, 0.0
     for lang, end in after.items():
-        chars_per_token = math.log(end["ppl_token"]) / math.log(end["ppl_char"]) if end["ppl_char"] > 1 else 1.0
-        curves[lang] = [
-            (s * tokens_per_step, v ** (1 / chars_per_token)) for s, v in read_metric(run_dir, f"val/ppl/{lang}")
-        ]
+        curves[lang] = validation_curve_per_char(run_dir, lang, end, tokens_per_step)
         top = max([top, end["ppl_char"], *(v for _, v in curves[lang])])
     top *= 1.6  # a linear axis over the adapted range; a "before" above it is drawn at the top, its value written
     for i, (lang, end) in enumerate(after.items()):

@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from afpt.io import read_metric  # noqa: E402
+from afpt.plots import validation_curve_per_char  # noqa: E402
 
 CELL = re.compile(r"^rt_(?P<model>\w+?)_s(?P<steps>\d+)_k(?P<k>\d+)_seed(?P<seed>\d+)$")
 
@@ -147,11 +147,12 @@ def curves(cells, out: Path) -> None:
                     if not m or not r["adapt_baseline" if arm == "af" else "adapt_af"]:
                         continue
                     end = m["after"][lang]
-                    chars_per_token = math.log(end["ppl_token"]) / math.log(end["ppl_char"])
                     tokens_per_step = m["tokens_seen"] / max(1, m["global_step"])
                     series[0].append(m["before"][lang]["ppl_char"])
-                    for step, value in read_metric(r["dir"] / f"adapt_{arm}", f"val/ppl/{lang}"):
-                        series[step * tokens_per_step].append(value ** (1 / chars_per_token))
+                    for tokens, value in validation_curve_per_char(
+                        r["dir"] / f"adapt_{arm}", lang, end, tokens_per_step
+                    ):
+                        series[tokens].append(value)
                     series[m["tokens_seen"]].append(end["ppl_char"])
                 xs = sorted(series)
                 ax.plot(

@@ -138,6 +138,7 @@ def test_cli_compares_models(base_model, tmp_path):
         (["evaluate.labels=[a,b]"], "2 names for 1 models"),
         (["evaluate.isotropy.pooling=max"], "evaluate.isotropy.pooling='max' is unknown"),
         (["evaluate.tasks=[{name: afpt_mc, shots: 2}]"], "unknown keys ['shots']"),
+        (["evaluate.batch_size=0"], "evaluate.batch_size must be a positive integer or 'auto', got 0"),
     ],
 )
 def test_bad_input_names_the_problem_and_writes_nothing(base_model, tmp_path, overrides, message):

@@ -28,13 +28,12 @@ from afpt.adapt.focus import focus_new_rows
 from afpt.adapt.initializers import HELPER_INITIALIZERS, INITIALIZERS
 from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corpus, world_languages
 from afpt.errors import AfptError
-from afpt.evaluate.metrics import language_perplexities
-from afpt.evaluate.stage import batch_size_for, device_for
+from afpt.evaluate.metrics import batch_size_for, device_for, language_perplexities
 from afpt.io import write_json
 from afpt.models import check_model_dir, load_model, on_eval_device, save_model_dir
 from afpt.plots import plot_adaptation
 from afpt.pretrain.module import CausalLMModule
-from afpt.speed.throughput import TokenThroughput
+from afpt.speed.throughput import throughput_summary
 from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, to_dict
 from afpt.tracking import publish_artifacts
 
@@ -49,6 +48,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise AfptError(f"adapt.init={a.init!r} is unknown; expected one of {INITIALIZERS}")
     if a.policy not in POLICIES:
         raise AfptError(f"adapt.policy={a.policy!r} is unknown; expected one of {POLICIES}")
+    eval_device = device_for(cfg.evaluate.device)
+    eval_batch = batch_size_for(cfg.evaluate.batch_size, eval_device)
     check_model_dir(source)
     ckpt_path = check_ckpt_path(cfg)
     base = load_tokenizer(source)
@@ -74,8 +75,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Scored as the evaluate stage scores held-out text (its context and batch), so "after" here is the adapted
     # model's number there.
     context = cfg.evaluate.heldout.max_length or model.config.max_position_embeddings
-    eval_batch = batch_size_for(cfg.evaluate, device_for(cfg.evaluate))
-    with on_eval_device(model):
+    with on_eval_device(model, eval_device.type):
         before = language_perplexities(model, base, heldout, context, eval_batch)
     train_blocks, val_blocks = pack_corpus(corpus, tokenizer, block, cfg.data.max_val_blocks)
 
@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     changed = changed_frozen(model, snapshot, n_old)
     if changed:
         raise RuntimeError(f"frozen tensors changed during adaptation: {changed}")
-    with on_eval_device(model):
+    with on_eval_device(model, eval_device.type):
         after = language_perplexities(model, tokenizer, heldout, context, eval_batch)
     metrics: dict[str, Any] = {
         "stage": "adapt",
@@ -135,7 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "tokens_seen": trainer.global_step * tokens_per_step * trainer.world_size,
         "train_time_s": round(train_time, 2),
-        "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
+        "throughput": throughput_summary(trainer),
         "perplexity_docs": a.eval_docs,
         "perplexity_context": context,
         "before": before,

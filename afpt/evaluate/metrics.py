@@ -12,11 +12,31 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.text import Perplexity
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from afpt.errors import AfptError
+
 WORD = re.compile(r"\w+")
 
 
 def _device(model: PreTrainedModel) -> torch.device:
     return next(model.parameters()).device
+
+
+# evaluate.batch_size=auto: documents (and lm-eval requests) per batch on each device.
+AUTO_BATCH = {"cuda": 64, "cpu": 16}
+
+
+def device_for(setting: str) -> torch.device:
+    """The device held-out text is scored on: CUDA when available, unless ``evaluate.device=cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() and setting != "cpu" else "cpu")
+
+
+def batch_size_for(setting: int | str, device: torch.device) -> int:
+    """``evaluate.batch_size``, or for ``auto`` a batch that fills the device (64 on CUDA, 16 on CPU)."""
+    if setting == "auto":
+        return AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise AfptError(f"evaluate.batch_size must be a positive integer or 'auto', got {setting!r}")
+    return setting
 
 
 @torch.no_grad()

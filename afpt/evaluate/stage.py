@@ -24,7 +24,7 @@ from afpt.evaluate.harness import (
     task_manager,
     write_world_tasks,
 )
-from afpt.evaluate.metrics import isotropy, language_perplexities
+from afpt.evaluate.metrics import batch_size_for, device_for, isotropy, language_perplexities
 from afpt.evaluate.report import chart_panels, flat_metrics, markdown_report
 from afpt.io import write_json, write_text
 from afpt.models import check_model_dir, load_model
@@ -35,24 +35,6 @@ log = logging.getLogger("afpt")
 
 POOLING = ("mean", "last")
 TASK_HINT = "Run it where the Hub is reachable or with its dataset in the datasets cache; the other tasks still ran."
-
-
-def device_for(e: DictConfig) -> torch.device:
-    """The device models are evaluated on: CUDA when available, unless ``evaluate.device=cpu``."""
-    return torch.device("cuda" if torch.cuda.is_available() and e.device != "cpu" else "cpu")
-
-
-# evaluate.batch_size=auto: documents (and lm-eval requests) per batch on each device.
-AUTO_BATCH = {"cuda": 64, "cpu": 16}
-
-
-def batch_size_for(e: DictConfig, device: torch.device) -> int:
-    """``evaluate.batch_size``, or for ``auto`` a batch that fills the device (64 on CUDA, 16 on CPU)."""
-    if e.batch_size == "auto":
-        return AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])
-    if not isinstance(e.batch_size, int) or e.batch_size < 1:
-        raise AfptError(f"evaluate.batch_size must be a positive integer or 'auto', got {e.batch_size!r}")
-    return e.batch_size
 
 
 def model_dirs(cfg: DictConfig) -> list[str]:
@@ -134,11 +116,11 @@ def hub_checker():
     return check
 
 
-def evaluate_model(cfg: DictConfig, path: str, texts: dict[str, list[str]], tasks, hub_check) -> dict[str, Any]:
-    """Perplexity and isotropy per language, then the tasks, for the model in ``path``."""
+def evaluate_model(
+    cfg: DictConfig, path: str, texts: dict[str, list[str]], tasks, hub_check, device: torch.device, batch_size: int
+) -> dict[str, Any]:
+    """Perplexity and isotropy per language, then the tasks, for the model in ``path`` (on ``device``)."""
     e = cfg.evaluate
-    device = device_for(e)
-    batch_size = batch_size_for(e, device)
     tokenizer = load_tokenizer(path)
     model = load_model(path).to(device).eval()
     max_length = e.heldout.max_length or model.config.max_position_embeddings
@@ -191,15 +173,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     labels = model_labels(dirs, e.labels)
     if e.isotropy.pooling not in POOLING:
         raise AfptError(f"evaluate.isotropy.pooling={e.isotropy.pooling!r} is unknown; expected one of {POOLING}")
+    device = device_for(e.device)
+    batch_size = batch_size_for(e.batch_size, device)
     texts = heldout_texts(to_dict(e.heldout), to_dict(cfg.data.world)) if (e.perplexity or e.isotropy.enabled) else {}
     tasks = prepare_tasks(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     hub_check = hub_checker()
-    results = {label: evaluate_model(cfg, d, texts, tasks, hub_check) for label, d in zip(labels, dirs)}
+    results = {
+        label: evaluate_model(cfg, d, texts, tasks, hub_check, device, batch_size) for label, d in zip(labels, dirs)
+    }
     metrics: dict[str, Any] = {
         "models": results,
         "config": to_dict(e),
-        "device": str(device_for(e)),
+        "device": str(device),
         "wall_time_s": round(time.perf_counter() - wall_start, 2),
     }
     write_json(metrics, run_dir / "metrics.json")

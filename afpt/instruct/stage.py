@@ -23,7 +23,7 @@ from afpt.instruct.chat import (
 from afpt.io import write_json
 from afpt.models import check_model_dir, load_model, save_model_dir
 from afpt.pretrain.module import CausalLMModule
-from afpt.speed.throughput import TokenThroughput
+from afpt.speed.throughput import throughput_summary
 from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, scalar_metrics, to_dict
 from afpt.tracking import publish_artifacts
 
@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "chatml_tokens_added": added,
         "global_step": trainer.global_step,
         "train_time_s": round(train_time, 2),
-        "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
+        "throughput": throughput_summary(trainer),
         "before": before,
         "after": after,
         **scalar_metrics(trainer),

@@ -16,7 +16,7 @@ from afpt.models import ModelConfig, build_model, check_model_dir, count_paramet
 from afpt.plots import plot_loss_with_resets
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.distributed import full_model_state_dict, layout
-from afpt.speed.throughput import TokenThroughput
+from afpt.speed.throughput import throughput_summary
 from afpt.stages import build_forgetting, build_trainer, check_batches, check_ckpt_path, scalar_metrics, to_dict
 from afpt.tracking import publish_artifacts
 
@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "languages": datamodule.train_names,
         "records": datamodule.record_counts,
         "resets": forgetting.history if forgetting else [],
-        "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {}),
+        "throughput": throughput_summary(trainer),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         **scalar_metrics(trainer),
     }

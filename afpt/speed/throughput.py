@@ -294,3 +294,8 @@ class KernelBreakdown(Callback):
                 busy += end - max(start, reach)
                 reach = end
         return categories, kernels, busy / 1000
+
+
+def throughput_summary(trainer: Trainer) -> dict[str, float]:
+    """The trainer's ``TokenThroughput`` summary (steady-state windows), or ``{}`` without that callback."""
+    return next((c.summary() for c in trainer.callbacks if isinstance(c, TokenThroughput)), {})

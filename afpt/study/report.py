@@ -45,17 +45,21 @@ def headline(results: dict[str, dict[str, Any]], evaluation: dict[str, Any]) -> 
     return out
 
 
+def ppl_char(models: dict[str, Any], model: str, lang: str) -> float | None:
+    """One evaluated model's per-character perplexity in ``lang`` (None if it was not scored)."""
+    return (models.get(model, {}).get("perplexity", {}).get(lang) or {}).get("ppl_char")
+
+
 def retention(models: dict[str, Any], arm: str, new_languages: list[str]) -> dict[str, dict[str, float]]:
     """Per language the evaluation scored, how each step changed the ``arm``'s per-character perplexity:
     ``adapted`` = adapted / pretrained (for the pretraining languages; the new ones were unknown before) and
     ``instructed`` = instructed / adapted (1 = kept, 2 = doubled)."""
 
-    def ppl(model: str, lang: str) -> float | None:
-        return (models.get(model, {}).get("perplexity", {}).get(lang) or {}).get("ppl_char")
-
     out: dict[str, dict[str, float]] = {}
     for lang in models.get(arm, {}).get("perplexity", {}):
-        pretrained, adapted, instructed = (ppl(m, lang) for m in (arm, f"{arm}_adapted", f"{arm}_instructed"))
+        pretrained, adapted, instructed = (
+            ppl_char(models, m, lang) for m in (arm, f"{arm}_adapted", f"{arm}_instructed")
+        )
         if adapted and lang not in new_languages:
             out.setdefault(lang, {})["adapted"] = adapted / pretrained
         if adapted and instructed:
@@ -178,10 +182,7 @@ def write_report(study: Path, results: dict[str, dict[str, Any]], evaluation: di
     for arm in ARMS:
         new = results[f"adapt_{arm}"]["languages"]
         for lang, ratios in retention(models, arm, new).items():
-            values = [
-                models.get(m, {}).get("perplexity", {}).get(lang, {}).get("ppl_char")
-                for m in (arm, f"{arm}_adapted", f"{arm}_instructed")
-            ]
+            values = [ppl_char(models, m, lang) for m in (arm, f"{arm}_adapted", f"{arm}_instructed")]
             cells = [format_value(v) for v in values]
             cells += [
                 f"{ratios[s]:.2f}x" if s in ratios else "new" if s == "adapted" else "–"
