@@ -6,6 +6,7 @@ A stage is a module with ``run(cfg) -> metrics``; it reads one model directory a
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from afpt.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, PreemptionCheck
 from afpt.errors import AfptError, build_target
 from afpt.speed.distributed import layout
 from afpt.tracking import build_loggers
+
+log = logging.getLogger("afpt")
 
 STAGES = {
     "prepare": "afpt.data.stage",
@@ -74,12 +77,19 @@ def check_batches(data: DictConfig, positions: int | None) -> None:
         )
 
 
+def forgetting_on(node: DictConfig | None) -> bool:
+    """Whether ``forgetting`` describes a callback (a ``_target_`` node) rather than ``forgetting=none``."""
+    return node is not None and "_target_" in node
+
+
 def build_forgetting(node: DictConfig | None) -> pl.Callback | None:
-    """The forgetting callback that ``forgetting`` describes (a ``_target_`` node), or None for ``forgetting=none``."""
-    if node is None or len(node) == 0:
+    """The forgetting callback that ``forgetting`` describes (a ``_target_`` node), or None for ``forgetting=none``.
+
+    Options merged into ``forgetting=none`` (an experiment's K, say) are ignored, with a warning naming them."""
+    if not forgetting_on(node):
+        if node:
+            log.warning("forgetting=none: ignoring the forgetting options %s", sorted(node))
         return None
-    if "_target_" not in node:
-        raise AfptError(f"forgetting: expected a _target_ callback config or forgetting=none, got keys {sorted(node)}")
     return build_target(node, "forgetting")
 
 

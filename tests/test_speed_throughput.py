@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
-from helpers import fit, tiny_llama
+import torch
+from helpers import fit, loader, quiet_trainer, tiny_llama
 
 from afpt import CausalLMModule
 
@@ -61,3 +63,33 @@ def test_throughput_callback_logs_tokens_per_second_in_windows():
     body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     head = model.get_input_embeddings().weight.numel()  # tied: counted once as a parameter, computed as a matmul
     assert flops_per_token(model, 16) == 6 * (body + head) + 12 * 1 * 32 * 16
+
+
+class SlowValidationAndACompile(CausalLMModule):
+    """afpt's module whose validation sleeps and whose step 5 compiles a new graph (dynamo, eager backend)."""
+
+    def validation_step(self, batch, batch_idx):
+        time.sleep(0.3)
+        return super().validation_step(batch, batch_idx)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 5:
+            torch.compile(lambda x: x * 2, backend="eager")(torch.ones(3))
+        return super().training_step(batch, batch_idx)
+
+
+def test_throughput_leaves_validation_time_and_compiling_windows_out_of_the_steady_state():
+    from afpt.speed.throughput import TokenThroughput
+
+    monitor = TokenThroughput(window=2)
+    trainer = quiet_trainer(max_steps=10, callbacks=[monitor], val_check_interval=2, limit_val_batches=2)
+    trainer.fit(SlowValidationAndACompile(tiny_llama(tied=True), lr=1e-2), loader(), loader())
+    records = monitor.records
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10]
+    # Four validation runs of 0.6 s each fall inside windows of 2 steps: counted, each would add 300 ms a step.
+    assert max(r["step_ms"] for r in records if not r["new_graphs"]) < 250
+    assert [r["new_graphs"] for r in records] == [0, 0, 1, 0, 0]
+    summary = monitor.summary()
+    assert summary["steady_windows"] == 3  # neither the first window nor the one that compiled
+    steady = [records[1], records[3], records[4]]
+    assert summary["tokens_per_s"] == pytest.approx(sum(r["tokens_per_s"] for r in steady) / 3)

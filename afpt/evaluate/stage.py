@@ -117,9 +117,16 @@ def hub_checker():
 
 
 def evaluate_model(
-    cfg: DictConfig, path: str, texts: dict[str, list[str]], tasks, hub_check, device: torch.device, batch_size: int
+    cfg: DictConfig,
+    path: str,
+    texts: dict[str, list[str]],
+    iso_langs: list[str],
+    tasks,
+    hub_check,
+    device: torch.device,
+    batch_size: int,
 ) -> dict[str, Any]:
-    """Perplexity and isotropy per language, then the tasks, for the model in ``path`` (on ``device``)."""
+    """Perplexity per language, isotropy in ``iso_langs``, then the tasks, for the model in ``path`` (on ``device``)."""
     e = cfg.evaluate
     tokenizer = load_tokenizer(path)
     model = load_model(path).to(device).eval()
@@ -129,7 +136,8 @@ def evaluate_model(
         result["perplexity"] = language_perplexities(model, tokenizer, texts, max_length, batch_size)
     if e.isotropy.enabled:
         i = e.isotropy
-        for lang, docs in texts.items():
+        for lang in iso_langs:
+            docs = texts[lang]
             try:
                 result["isotropy"][lang] = isotropy(
                     model,
@@ -164,6 +172,23 @@ def evaluate_model(
     return result
 
 
+def isotropy_languages(iso: DictConfig, texts: dict[str, list[str]]) -> list[str]:
+    """The languages ``evaluate.isotropy.languages`` names (null: every held-out language), each checked to have at
+    least ``isotropy.contexts`` documents before any model is scored."""
+    langs = list(iso.languages) if iso.languages is not None else list(texts)
+    unknown = [lang for lang in langs if lang not in texts]
+    if unknown:
+        raise AfptError(f"evaluate.isotropy.languages {unknown} have no held-out text; expected some of {list(texts)}")
+    few = {lang: len(texts[lang]) for lang in langs if len(texts[lang]) < iso.contexts}
+    if few:
+        raise AfptError(
+            f"evaluate.isotropy: held-out documents per language {few} are fewer than evaluate.isotropy.contexts="
+            f"{iso.contexts} (a word must occur in that many); set evaluate.isotropy.languages, lower the contexts "
+            "or add documents"
+        )
+    return langs
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate every model of ``init_from``; write metrics.json, results.md and comparison.png."""
     wall_start = time.perf_counter()
@@ -176,11 +201,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = device_for(e.device)
     batch_size = batch_size_for(e.batch_size, device)
     texts = heldout_texts(to_dict(e.heldout), to_dict(cfg.data.world)) if (e.perplexity or e.isotropy.enabled) else {}
+    iso_langs = isotropy_languages(e.isotropy, texts) if e.isotropy.enabled else []
     tasks = prepare_tasks(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     hub_check = hub_checker()
     results = {
-        label: evaluate_model(cfg, d, texts, tasks, hub_check, device, batch_size) for label, d in zip(labels, dirs)
+        label: evaluate_model(cfg, d, texts, iso_langs, tasks, hub_check, device, batch_size)
+        for label, d in zip(labels, dirs)
     }
     metrics: dict[str, Any] = {
         "models": results,

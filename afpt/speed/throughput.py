@@ -53,8 +53,9 @@ class TokenThroughput(Callback):
     """Log ``perf/tokens_per_s``, ``perf/step_ms`` and ``perf/mfu`` every ``window`` optimizer steps; for padded
     batches (a ``real_tokens`` count in the batch) also ``perf/real_tokens_per_s`` and ``perf/padding_fraction``.
 
-    Times whole windows, so the only host sync is one per window; the first window (warm-up,
-    compilation) is logged but left out of ``summary()``.
+    Times whole windows, so the only host syncs are one per window and two per validation run; the clock
+    stops while validation runs. The first window (warm-up) and any window in which torch.compile built a
+    training graph are logged but left out of ``summary()``.
     """
 
     def __init__(self, window: int = 50) -> None:
@@ -66,13 +67,15 @@ class TokenThroughput(Callback):
         self._tokens = 0
         self._real_tokens = 0
         self._flops_per_token: float | None = None
+        self._graphs_at_start = 0.0
+        self._val_graphs = 0.0
+        self._val_started: tuple[float, float] | None = None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Start the clock at the first batch, and count this micro-batch's tokens."""
         if self._start is None:
             self._sync(pl_module)
-            self._start, self._start_step, self._tokens = time.perf_counter(), trainer.global_step, 0
-            self._real_tokens = 0
+            self._open_window(trainer)
         ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
         self._tokens += ids.numel() * trainer.world_size
         if isinstance(batch, dict) and "real_tokens" in batch:
@@ -93,7 +96,8 @@ class TokenThroughput(Callback):
             "step": trainer.global_step,
             "tokens_per_s": tokens_per_s,
             "step_ms": 1000 * elapsed / steps,
-            "compiled_graphs": float(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+            "compiled_graphs": graphs(),
+            "new_graphs": graphs() - self._graphs_at_start - self._val_graphs,
         }
         if self._real_tokens:
             record["real_tokens_per_s"] = self._real_tokens / elapsed
@@ -109,16 +113,39 @@ class TokenThroughput(Callback):
             if key != "step":
                 # A host tensor: a Python number would be copied to the device, a blocking copy.
                 pl_module.log(f"perf/{key}", torch.tensor(value), on_step=True, on_epoch=False)
+        self._open_window(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Stop the clock while validation runs inside a training window."""
+        if self._start is not None and not trainer.sanity_checking:
+            self._sync(pl_module)
+            self._val_started = (time.perf_counter(), graphs())
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Restart the clock; graphs compiled for validation are not the training window's."""
+        if self._val_started is not None:
+            self._sync(pl_module)
+            started, graphs_before = self._val_started
+            self._start += time.perf_counter() - started
+            self._val_graphs += graphs() - graphs_before
+            self._val_started = None
+
+    def _open_window(self, trainer: Trainer) -> None:
         self._start, self._start_step, self._tokens = time.perf_counter(), trainer.global_step, 0
         self._real_tokens = 0
+        self._graphs_at_start, self._val_graphs = graphs(), 0.0
 
     def summary(self) -> dict[str, float]:
-        """Means of the windows after the first (steady state; all windows if there is only one),
-        ``recompiles_after_warmup`` (graphs torch.compile built after the first window, resets included),
-        and ``compile_health``'s counts."""
-        steady = self.records[1:] or self.records
+        """Means of the steady windows: after the first, without a training graph compiled in them (the first
+        window too when it is the only one and compiled nothing; no rates when no window is steady), their
+        count ``steady_windows``, ``recompiles_after_warmup`` (graphs torch.compile built after the first
+        window, validation's and resets' included), and ``compile_health``'s counts."""
+        clean = [r for r in self.records if not r["new_graphs"]]
+        steady = [r for r in self.records[1:] if not r["new_graphs"]] or clean[:1]
         keys = steady[0].keys() if steady else []
-        out = {k: sum(r[k] for r in steady) / len(steady) for k in keys if k not in ("step", "compiled_graphs")}
+        skip = ("step", "compiled_graphs", "new_graphs")
+        out = {k: sum(r[k] for r in steady) / len(steady) for k in keys if k not in skip}
+        out["steady_windows"] = float(len(steady))
         if self.records:
             out["recompiles_after_warmup"] = self.records[-1]["compiled_graphs"] - self.records[0]["compiled_graphs"]
         return {**out, **compile_health()}
@@ -127,6 +154,11 @@ class TokenThroughput(Callback):
     def _sync(pl_module: LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+def graphs() -> float:
+    """The number of graphs torch.compile has built in this process."""
+    return float(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def compile_health() -> dict[str, float]:

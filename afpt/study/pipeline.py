@@ -11,7 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from afpt.errors import AfptError
 from afpt.io import read_json, write_json
-from afpt.stages import run_stage
+from afpt.stages import forgetting_on, run_stage
 from afpt.study.report import write_report
 
 log = logging.getLogger("afpt")
@@ -22,7 +22,7 @@ RESUMABLE = ("pretrain", "adapt")
 
 def arms(cfg: DictConfig) -> dict[str, DictConfig | None]:
     """The compared arms: ``af`` with the configured forgetting, ``baseline`` with none, everything else equal."""
-    if not cfg.get("forgetting"):
+    if not forgetting_on(cfg.get("forgetting")):
         raise AfptError("stage=pipeline compares forgetting with none: keep forgetting=every_k (set its options)")
     return {"af": cfg.forgetting, "baseline": None}
 
