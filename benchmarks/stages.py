@@ -138,6 +138,7 @@ def row(model: str, stage: str, metrics: dict, wall: float) -> dict:
         "padding_fraction": throughput.get("padding_fraction"),
         "step_ms": throughput.get("step_ms"),
         "recompiles_after_warmup": throughput.get("recompiles_after_warmup"),
+        "steady_windows": throughput.get("steady_windows"),
         "graph_breaks": throughput.get("graph_breaks"),
         "frozen_unchanged": metrics.get("frozen_unchanged"),
         "x_pretrain": 1.0 if stage == "pretrain" else None,
@@ -161,7 +162,7 @@ def main() -> None:
         rows += measure(model, args.steps, args.batch, args.seq, args.max_turns, args.overrides)
         write_record(Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json", args, rows)
     columns = ["model", "stage", "steps", "tokens_per_s", "real_tokens_per_s", "padding_fraction", "step_ms"]
-    print_table(rows, [*columns, "x_pretrain", "recompiles_after_warmup"])
+    print_table(rows, [*columns, "x_pretrain", "recompiles_after_warmup", "steady_windows"])
 
 
 if __name__ == "__main__":
