@@ -6,8 +6,8 @@ length (the default policy: the body frozen, so its weight-gradient GEMMs are no
 by default). Both stages read the embedded world; the embedding is the tokenizer's (padded to 64), so
 the adapted model's is larger (the merged vocabulary), which costs adaptation, not pretraining. Then
 ``afpt stage=instruct`` of the adapted model on multi-turn ChatML conversations built from the world's English
-questions (a random 2 to ``--max-turns`` turns each, so lengths vary up to the sequence length; ``--batch``
-conversations per step, length-grouped and right-padded, compiled on CUDA), for about ``--steps`` steps; its
+questions (a random 2 to ``--max-turns`` turns each, so lengths vary up to the sequence length; ``--instruct-batch``
+conversations per step (default ``--batch``), length-grouped and right-padded, compiled on CUDA), for about ``--steps`` steps; its
 ``x_pretrain`` is real (non-pad) tokens/s over pretraining tokens/s. Prints a table and writes the rows as JSON
 to ``--out`` (default: $OUT or benchmarks/).
 
@@ -60,7 +60,9 @@ def conversations(cfg, count: int, max_turns: int, seed: int) -> list[dict]:
     return out
 
 
-def measure(model: str, steps: int, batch: int, seq: int, max_turns: int, extra: list[str]) -> list[dict]:
+def measure(
+    model: str, steps: int, batch: int, seq: int, max_turns: int, instruct_batch: int, extra: list[str]
+) -> list[dict]:
     """Pretrain, adapt, then instruction-tune ``model``; one row per stage."""
     common = [
         f"model={model}",
@@ -100,7 +102,9 @@ def measure(model: str, steps: int, batch: int, seq: int, max_turns: int, extra:
         metrics = adapt.run(cfg)
         rows.append(row(model, "adapt", metrics, time.perf_counter() - start))
         chats = Path(root) / "chats.jsonl"
-        chats.write_text("".join(json.dumps(c) + "\n" for c in conversations(cfg, steps * batch, max_turns, 0)))
+        chats.write_text(
+            "".join(json.dumps(c) + "\n" for c in conversations(cfg, steps * instruct_batch, max_turns, 0))
+        )
         cfg = config(
             [
                 *common,
@@ -110,7 +114,7 @@ def measure(model: str, steps: int, batch: int, seq: int, max_turns: int, extra:
                 f"instruct.files={chats}",
                 f"instruct.max_length={seq}",
                 "instruct.overflow=truncate",
-                f"instruct.batch_size={batch}",
+                f"instruct.batch_size={instruct_batch}",
                 "instruct.epochs=1",
                 "instruct.heldout_fraction=0.01",
                 "instruct.eval_questions=0",
@@ -154,12 +158,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--max-turns", type=int, default=40, help="most Q&A turns in one instruct conversation")
+    parser.add_argument("--instruct-batch", type=int, help="conversations per instruct step (default: --batch)")
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both stages")
     args = parser.parse_args()
     rows: list[dict] = []
     for model in args.models:
-        rows += measure(model, args.steps, args.batch, args.seq, args.max_turns, args.overrides)
+        instruct_batch = args.instruct_batch or args.batch
+        rows += measure(model, args.steps, args.batch, args.seq, args.max_turns, instruct_batch, args.overrides)
         write_record(Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json", args, rows)
     columns = ["model", "stage", "steps", "tokens_per_s", "real_tokens_per_s", "padding_fraction", "step_ms"]
     print_table(rows, [*columns, "x_pretrain", "recompiles_after_warmup", "steady_windows"])
