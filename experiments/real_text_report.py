@@ -127,6 +127,86 @@ def table(cells) -> tuple[list[str], list[dict]]:
     return lines, rows
 
 
+MODELS = (("pretrained", ""), ("adapted", "_adapted"), ("instructed", "_instructed"))
+
+
+def evaluations(seeds: dict) -> list[dict]:
+    """The evaluate stage's per-model results of each seed's pipeline that finished it."""
+    found = [load(r["dir"] / "evaluate" / "metrics.json") for _, r in sorted(seeds.items())]
+    return [m["models"] for m in found if m]
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    """``mean ± std`` of ``values``, or – when there are none."""
+    if not values:
+        return "–"
+    m, sd = mean_std(values)
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def ratios(before: list[dict], after: list[dict], langs: list[str]) -> list[float]:
+    """Per seed: per-character perplexity after / before, averaged over ``langs``."""
+    return [
+        statistics.fmean(y[lang]["ppl_char"] / x[lang]["ppl_char"] for lang in langs) for x, y in zip(before, after)
+    ]
+
+
+def retention(cells) -> list[str]:
+    """Markdown: English per-character perplexity of each arm's pretrained, adapted and instructed model, and the
+    ratios of adaptation and instruction tuning for English and (mean) for the other pretraining languages."""
+    lines = [
+        "| model | steps | K | arm | n | en pretrained | en adapted | en instructed | en adaptation | "
+        "en instruction tuning | other pretraining languages: adaptation | instruction tuning |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (model, steps, k), seeds in sorted(cells.items()):
+        evals = evaluations(seeds)
+        if not evals:
+            lines.append(f"| {model} | {steps} | {k} | (no evaluate stage finished) | 0 | – | – | – | – | – | – | – |")
+            continue
+        new = set(next(r for r in seeds.values() if r["adapt_af"])["adapt_af"]["languages"])
+        for arm in ("af", "baseline"):
+            ppl = {
+                stage: [[e[arm + suffix]["perplexity"] for e in evals if arm + suffix in e]][0]
+                for stage, suffix in MODELS
+            }
+            en = {stage: [p["en"]["ppl_char"] for p in ppl[stage]] for stage in ppl}
+            others = sorted(set(ppl["pretrained"][0]) - new - {"en"})
+            adapted, instructed = (ppl["pretrained"], ppl["adapted"]), (ppl["adapted"], ppl["instructed"])
+            lines.append(
+                f"| {model} | {steps} | {k} | {arm} | {len(evals)} | {fmt(en['pretrained'])} | {fmt(en['adapted'])} | "
+                f"{fmt(en['instructed'])} | {fmt(ratios(*adapted, ['en']), 2)}x | "
+                f"{fmt(ratios(*instructed, ['en']), 2)}x | {fmt(ratios(*adapted, others), 2)}x | "
+                f"{fmt(ratios(*instructed, others), 2)}x |"
+            )
+    return lines
+
+
+def isotropy(cells) -> list[str]:
+    """Markdown: self-similarity of each model (mean over the measured pretraining and new languages): raw, the
+    random-pair baseline and their difference, mean ± std over seeds."""
+    lines = [
+        "| model | steps | K | arm | model | n | pretraining langs: raw | baseline | raw - baseline | "
+        "new langs: raw | baseline | raw - baseline |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (model, steps, k), seeds in sorted(cells.items()):
+        evals = evaluations(seeds)
+        if not evals:
+            continue
+        new = set(next(r for r in seeds.values() if r["adapt_af"])["adapt_af"]["languages"])
+        for arm in ("af", "baseline"):
+            for stage, suffix in MODELS:
+                iso = [e[arm + suffix]["isotropy"] for e in evals if arm + suffix in e]
+                cols = [
+                    fmt([statistics.fmean(v[key] for lang, v in i.items() if (lang in new) == is_new) for i in iso])
+                    for is_new in (False, True)
+                    for key in ("self_similarity", "baseline", "self_similarity_adjusted")
+                ]
+                lines.append(f"| {model} | {steps} | {k} | {arm} | {stage} | {len(iso)} | " + " | ".join(cols) + " |")
+    return lines
+
+
 def curves(cells, out: Path) -> None:
     """``curves.png``: per-character validation perplexity of each new language during adaptation, AF vs baseline
     (mean over seeds; points at every validation, starting from the 'before' number)."""
@@ -182,6 +262,7 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     lines, rows = table(cells)
+    lines += ["", *retention(cells), "", *isotropy(cells)]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     with open(args.out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
