@@ -89,6 +89,7 @@ def test_two_models_side_by_side_with_an_offline_standard_task(base_model, tmp_p
                 "evaluate.heldout.languages=[en,xd]",
                 "evaluate.heldout.docs=8",
                 "evaluate.isotropy.contexts=2",
+                "evaluate.isotropy.languages=[xd]",
                 "evaluate.world_tasks.languages=[en,xd]",
                 "evaluate.tasks=[xcopa,afpt_mc,afpt_translate]",
             ],
@@ -97,7 +98,7 @@ def test_two_models_side_by_side_with_an_offline_standard_task(base_model, tmp_p
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics["models"]) == [base_model.parent.name, "other"]
     for model in metrics["models"].values():
-        assert set(model["perplexity"]) == {"en", "xd"} and set(model["isotropy"]) == {"en", "xd"}
+        assert set(model["perplexity"]) == {"en", "xd"} and set(model["isotropy"]) == {"xd"}
         assert {"afpt_mc_en", "afpt_mc_xd", "afpt_translate_xd"} <= set(model["tasks"])
         assert "bleu" in model["tasks"]["afpt_translate_xd"] and "chrf" in model["tasks"]["afpt_translate_xd"]
         assert (
@@ -139,6 +140,11 @@ def test_cli_compares_models(base_model, tmp_path):
         (["evaluate.isotropy.pooling=max"], "evaluate.isotropy.pooling='max' is unknown"),
         (["evaluate.tasks=[{name: afpt_mc, shots: 2}]"], "unknown keys ['shots']"),
         (["evaluate.batch_size=0"], "evaluate.batch_size must be a positive integer or 'auto', got 0"),
+        (["evaluate.isotropy.languages=[en,zz]"], "evaluate.isotropy.languages ['zz'] have no held-out text"),
+        (
+            ["evaluate.heldout.docs=3", "evaluate.isotropy.languages=[xa]"],
+            "held-out documents per language {'xa': 3} are fewer than evaluate.isotropy.contexts=4",
+        ),
     ],
 )
 def test_bad_input_names_the_problem_and_writes_nothing(base_model, tmp_path, overrides, message):

@@ -109,6 +109,23 @@ def test_pipeline_needs_forgetting_to_compare(tmp_path):
         pipeline.run(compose_config(tmp_path, ["stage=pipeline", "forgetting=none"]))
 
 
+def test_forgetting_none_ignores_the_k_an_experiment_sets(tmp_path, caplog):
+    """real_text sets forgetting.every_n_steps; with forgetting=none that K is ignored (a warning), not an error,
+    and the pipeline still refuses to compare none with none."""
+    from afpt.errors import AfptError
+    from afpt.stages import build_forgetting
+
+    cfg = compose_config(tmp_path, ["experiment=real_text", "forgetting=none"])
+    assert dict(cfg.forgetting) == {"every_n_steps": 200}
+    with caplog.at_level("WARNING", logger="afpt"):
+        assert build_forgetting(cfg.forgetting) is None
+    assert "forgetting=none: ignoring the forgetting options ['every_n_steps']" in caplog.text
+    with pytest.raises(AfptError, match="compares forgetting with none"):
+        pipeline.arms(cfg)
+    on = compose_config(tmp_path, ["experiment=real_text"])
+    assert type(build_forgetting(on.forgetting)).__name__ == "ActiveForgetting"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", sorted(p.stem for p in (Path(afpt.conf.__file__).parent / "experiment").glob("*.yaml"))
