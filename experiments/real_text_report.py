@@ -130,10 +130,14 @@ def table(cells) -> tuple[list[str], list[dict]]:
 MODELS = (("pretrained", ""), ("adapted", "_adapted"), ("instructed", "_instructed"))
 
 
-def evaluations(seeds: dict) -> list[dict]:
-    """The evaluate stage's per-model results of each seed's pipeline that finished it."""
-    found = [load(r["dir"] / "evaluate" / "metrics.json") for _, r in sorted(seeds.items())]
-    return [m["models"] for m in found if m]
+def evaluated(cells):
+    """Per cell: (model, steps, K, the evaluate stage's per-model results of each seed that finished it, the new
+    languages)."""
+    for (model, steps, k), seeds in sorted(cells.items()):
+        found = [load(r["dir"] / "evaluate" / "metrics.json") for _, r in sorted(seeds.items())]
+        first = next((r for r in seeds.values() if r["adapt_af"]), None)
+        new = set(first["adapt_af"]["languages"]) if first else set()
+        yield model, steps, k, [m["models"] for m in found if m], new
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -159,16 +163,13 @@ def retention(cells) -> list[str]:
         "en instruction tuning | other pretraining languages: adaptation | instruction tuning |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (model, steps, k), seeds in sorted(cells.items()):
-        evals = evaluations(seeds)
+    for model, steps, k, evals, new in evaluated(cells):
         if not evals:
             lines.append(f"| {model} | {steps} | {k} | (no evaluate stage finished) | 0 | – | – | – | – | – | – | – |")
             continue
-        new = set(next(r for r in seeds.values() if r["adapt_af"])["adapt_af"]["languages"])
         for arm in ("af", "baseline"):
             ppl = {
-                stage: [[e[arm + suffix]["perplexity"] for e in evals if arm + suffix in e]][0]
-                for stage, suffix in MODELS
+                stage: [e[arm + suffix]["perplexity"] for e in evals if arm + suffix in e] for stage, suffix in MODELS
             }
             en = {stage: [p["en"]["ppl_char"] for p in ppl[stage]] for stage in ppl}
             others = sorted(set(ppl["pretrained"][0]) - new - {"en"})
@@ -190,11 +191,10 @@ def isotropy(cells) -> list[str]:
         "new langs: raw | baseline | raw - baseline |",
         "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (model, steps, k), seeds in sorted(cells.items()):
-        evals = evaluations(seeds)
+    for model, steps, k, evals, new in evaluated(cells):
         if not evals:
+            lines.append(f"| {model} | {steps} | {k} | (no evaluate stage finished) | | 0 | – | – | – | – | – | – |")
             continue
-        new = set(next(r for r in seeds.values() if r["adapt_af"])["adapt_af"]["languages"])
         for arm in ("af", "baseline"):
             for stage, suffix in MODELS:
                 iso = [e[arm + suffix]["isotropy"] for e in evals if arm + suffix in e]
