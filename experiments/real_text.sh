@@ -16,8 +16,8 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false RAYON_NU
 mkdir -p "$out"
 cd "$out" || exit 1
 
-job() {  # job NAME LOG OVERRIDES...: one afpt command of a pipeline, stopped after LIMIT seconds if set
-  local log=$2; shift 2
+job() {  # job LOG OVERRIDES...: one afpt command of a pipeline, stopped after LIMIT seconds if set
+  local log=$1; shift
   ${LIMIT:+timeout "$LIMIT"} afpt experiment=real_text "corpus_dir=$corpus" ${TRAINER:-trainer=gpu} "$@" \
     optim.compile=false data.num_workers=0 trainer.enable_progress_bar=false ${EXTRA:-} >> "$log" 2>&1
 }
@@ -37,7 +37,7 @@ arm() {  # arm NAME ARM FORGETTING COMMON...: the arm's pretrain, adapt and inst
     else
       rm -rf "${dir:?}/${stage}_$arm"  # an interrupted run with nothing to resume from starts again
     fi
-    job "$name" "$out/$name.$arm.log" "$@" "stage=$stage" "name=${name}_${stage}_$arm" \
+    job "$out/$name.$arm.log" "$@" "stage=$stage" "name=${name}_${stage}_$arm" \
       "hydra.run.dir=$dir/${stage}_$arm" "${from[@]}" "$forgetting" "${resume[@]}" || return 1
   done
 }
@@ -49,7 +49,7 @@ for cell in "$@"; do
     common=("model=$model" "trainer.max_steps=$steps" "trainer.val_check_interval=$((steps / 4))" "seed=$seed")
     (arm "$name" af "forgetting.every_n_steps=$k" "${common[@]}" & arm "$name" baseline forgetting=none "${common[@]}" &
       wait
-      job "$name" "$out/$name.log" "${common[@]}" "forgetting.every_n_steps=$k" "name=$name"
+      job "$out/$name.log" "${common[@]}" "forgetting.every_n_steps=$k" "name=$name"
       echo "$cell seed $seed: exit $?") &
   done
 done

@@ -136,10 +136,10 @@ class TokenThroughput(Callback):
         self._graphs_at_start, self._val_graphs = graphs(), 0.0
 
     def summary(self) -> dict[str, float]:
-        """Means of the steady windows: after the first, without a training graph compiled in them (the first
-        window too when it is the only one and compiled nothing; no rates when no window is steady), their
-        count ``steady_windows``, ``recompiles_after_warmup`` (graphs torch.compile built after the first
-        window, validation's and resets' included), and ``compile_health``'s counts."""
+        """Means of the steady windows (after the first, with no training graph compiled in them; failing those,
+        the first window that compiled nothing; no rates when every window compiled), their count
+        ``steady_windows``, ``recompiles_after_warmup`` (graphs torch.compile built after the first window,
+        validation's and resets' included), and ``compile_health``'s counts."""
         clean = [r for r in self.records if not r["new_graphs"]]
         steady = [r for r in self.records[1:] if not r["new_graphs"]] or clean[:1]
         keys = steady[0].keys() if steady else []
