@@ -1,7 +1,8 @@
 """The ``afpt`` command: a Hydra app over ``conf/`` (installed as ``afpt.conf``) that runs one stage.
 
 Exit status: 0 done; 2 bad input or an unwritable disk, in one line (``afpt: error: ...``) with the run
-directory left as it was; 143 stopped by SIGTERM after saving a resumable checkpoint.
+directory left as it was, or a configuration Hydra refuses (an unknown key, group option or override syntax,
+in Hydra's own words); 143 stopped by SIGTERM after saving a resumable checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ log = logging.getLogger("afpt")
 # Errors of the disk rather than of afpt: reported in one line, naming the file.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 SIGTERM_EXIT = 128 + 15
+# Whether Hydra composed a config and called the app (so an exit 1 is the app's, not a refused configuration).
+APP_STARTED = {"value": False}
 
 # conf/hydra/launcher/submitit_{slurm,local}.yaml replace the plugin's configs of the same name on purpose (to
 # derive the resources from the trainer); Hydra 1.3 still validates them against the plugin's schema and
@@ -36,8 +39,9 @@ def _disk_message(err: OSError) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://afpt.conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """Entry point; returns ``cfg.optimized_metric`` for sweepers."""
+def app(cfg: DictConfig) -> float | None:
+    """The Hydra app: runs ``cfg.stage``; returns ``cfg.optimized_metric`` for sweepers."""
+    APP_STARTED["value"] = True
     quiet_library_noise()
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -69,6 +73,18 @@ def main(cfg: DictConfig) -> float | None:
         print(summary_block(cfg.stage.name, run_dir, metrics), flush=True)
     key = cfg.get("optimized_metric")
     return float(metrics[key]) if key and key in metrics else None
+
+
+def main() -> None:
+    """The ``afpt`` command. Hydra reports a configuration it cannot compose (an unknown key or option) and exits
+    1; afpt makes that exit 2, as for every other bad input."""
+    APP_STARTED["value"] = False
+    try:
+        app()
+    except SystemExit as done:
+        if done.code == 1 and not APP_STARTED["value"]:
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -152,6 +152,21 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(tmp_path, monkeypatch, caps
     assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("instruct.batchin=random", "Could not override 'instruct.batchin'"),
+        ("model=nosuch", "Could not find 'model/nosuch'"),
+        ("trainer.max_steps=[", "no viable alternative at input '['"),
+    ],
+)
+def test_a_configuration_hydra_refuses_exits_2_with_hydras_message(tmp_path, monkeypatch, capsys, override, needle):
+    monkeypatch.chdir(tmp_path)
+    code, err = afpt_cli(capsys, override)
+    assert code == 2 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The weights of a finished run's model directory."""
     return load_file(run_dir / "model" / "model.safetensors")
