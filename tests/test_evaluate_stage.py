@@ -141,6 +141,9 @@ def test_cli_compares_models(base_model, tmp_path):
         (["evaluate.tasks=[{name: afpt_mc, shots: 2}]"], "unknown keys ['shots']"),
         (["evaluate.batch_size=0"], "evaluate.batch_size must be a positive integer or 'auto', got 0"),
         (["evaluate.isotropy.languages=[en,zz]"], "evaluate.isotropy.languages ['zz'] have no held-out text"),
+        (["evaluate.isotropy.languages=zz"], "evaluate.isotropy.languages ['zz'] have no held-out text"),
+        (["evaluate.isotropy.contexts=0"], "evaluate.isotropy.contexts must be an integer of at least 2, got 0"),
+        (["evaluate.isotropy.words=-1"], "evaluate.isotropy.words must be an integer of at least 2, got -1"),
         (
             ["evaluate.heldout.docs=3", "evaluate.isotropy.languages=[xa]"],
             "held-out documents per language {'xa': 3} are fewer than evaluate.isotropy.contexts=4",

@@ -173,9 +173,16 @@ def evaluate_model(
 
 
 def isotropy_languages(iso: DictConfig, texts: dict[str, list[str]]) -> list[str]:
-    """The languages ``evaluate.isotropy.languages`` names (null: every held-out language), each checked to have at
-    least ``isotropy.contexts`` documents before any model is scored."""
-    langs = list(iso.languages) if iso.languages is not None else list(texts)
+    """The languages ``evaluate.isotropy.languages`` names (null: every held-out language; one name: that one), each
+    checked to have at least ``isotropy.contexts`` documents, before any model is scored."""
+    for key in ("words", "contexts"):
+        value = iso[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise AfptError(f"evaluate.isotropy.{key} must be an integer of at least 2, got {value!r}")
+    if iso.languages is None:
+        langs = list(texts)
+    else:
+        langs = [iso.languages] if isinstance(iso.languages, str) else list(iso.languages)
     unknown = [lang for lang in langs if lang not in texts]
     if unknown:
         raise AfptError(f"evaluate.isotropy.languages {unknown} have no held-out text; expected some of {list(texts)}")

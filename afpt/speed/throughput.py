@@ -92,12 +92,13 @@ class TokenThroughput(Callback):
         elapsed = time.perf_counter() - self._start
         model = find_model(pl_module)
         tokens_per_s = self._tokens / elapsed
+        built = graphs()
         record = {
             "step": trainer.global_step,
             "tokens_per_s": tokens_per_s,
             "step_ms": 1000 * elapsed / steps,
-            "compiled_graphs": graphs(),
-            "new_graphs": graphs() - self._graphs_at_start - self._val_graphs,
+            "compiled_graphs": built,
+            "new_graphs": built - self._graphs_at_start - self._val_graphs,
         }
         if self._real_tokens:
             record["real_tokens_per_s"] = self._real_tokens / elapsed
