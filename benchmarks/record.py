@@ -19,6 +19,7 @@ def write_record(path: Path, args: argparse.Namespace, rows: list[dict]) -> None
     """Record the rows measured so far, with the device, date and arguments (rewritten after every row, so a
     cut-off run keeps what it measured)."""
     record = {"device": device_name(), "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
 
 

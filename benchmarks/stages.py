@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 from record import device_name, print_table, write_record
+from throughput import print_profiles
 
 import afpt.adapt.stage as adapt
 import afpt.instruct.stage as instruct
@@ -60,10 +61,26 @@ def conversations(cfg, count: int, max_turns: int, seed: int) -> list[dict]:
     return out
 
 
+def profiled(cfg, steps: int, run_dir: str):
+    """``cfg`` with ``KernelBreakdown`` over 10 steps after the ``steps`` measured ones (no window is slowed)."""
+    with open_dict(cfg):
+        cfg.callbacks.profile = {"_target_": "afpt.speed.throughput.KernelBreakdown", "dirpath": run_dir}
+        cfg.callbacks.profile.update(start_step=steps + 1, steps=10, top=40)
+    return cfg
+
+
 def measure(
-    model: str, steps: int, batch: int, seq: int, max_turns: int, instruct_batch: int, extra: list[str]
+    model: str,
+    steps: int,
+    batch: int,
+    seq: int,
+    max_turns: int,
+    instruct_batch: int,
+    extra: list[str],
+    profile: bool = False,
 ) -> list[dict]:
-    """Pretrain, adapt, then instruction-tune ``model``; one row per stage."""
+    """Pretrain, adapt, then instruction-tune ``model``; one row per stage (``profile``: with its kernel split)."""
+    run = steps + 12 if profile else steps
     common = [
         f"model={model}",
         "trainer=gpu" if torch.cuda.is_available() else "trainer=cpu",
@@ -82,7 +99,8 @@ def measure(
     rows = []
     with tempfile.TemporaryDirectory() as root:
         pre_dir, ada_dir = str(Path(root) / "pretrain"), str(Path(root) / "adapt")
-        cfg = config([*common, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"], pre_dir)
+        cfg = config([*common, f"trainer.max_steps={run}", f"trainer.val_check_interval={steps}"], pre_dir)
+        cfg = profiled(cfg, steps, pre_dir) if profile else cfg
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = pretrain.run(cfg)
@@ -91,19 +109,22 @@ def measure(
             [
                 *common,
                 f"init_from={pre_dir}/model",
-                f"adapt.token_budget={steps * batch * seq}",
+                f"adapt.token_budget={run * batch * seq}",
                 f"adapt.val_every_n_steps={steps}",
                 "adapt.eval_docs=20",
             ],
             ada_dir,
         )
+        cfg = profiled(cfg, steps, ada_dir) if profile else cfg
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = adapt.run(cfg)
         rows.append(row(model, "adapt", metrics, time.perf_counter() - start))
         chats = Path(root) / "chats.jsonl"
         chats.write_text(
-            "".join(json.dumps(c) + "\n" for c in conversations(cfg, steps * instruct_batch, max_turns, 0))
+            "".join(
+                json.dumps(c) + "\n" for c in conversations(cfg, (run + 2 * profile) * instruct_batch, max_turns, 0)
+            )
         )
         cfg = config(
             [
@@ -121,10 +142,14 @@ def measure(
             ],
             str(Path(root) / "instruct"),
         )
+        cfg = profiled(cfg, steps, cfg.paths.run_dir) if profile else cfg
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = instruct.run(cfg)
         rows.append(row(model, "instruct", metrics, time.perf_counter() - start))
+        for stage_row, stage_dir in zip(rows, (pre_dir, ada_dir, cfg.paths.run_dir)):
+            if profile:
+                stage_row["profile"] = json.loads((Path(stage_dir) / "profile.json").read_text())
     rows[1]["x_pretrain"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     rows[2]["x_pretrain"] = (rows[2]["real_tokens_per_s"] or 0) / rows[0]["tokens_per_s"]
     return rows
@@ -160,15 +185,20 @@ def main() -> None:
     parser.add_argument("--max-turns", type=int, default=40, help="most Q&A turns in one instruct conversation")
     parser.add_argument("--instruct-batch", type=int, help="conversations per instruct step (default: --batch)")
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
+    parser.add_argument("--profile", action="store_true", help="split 10 more steps' GPU time by kernel category")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both stages")
     args = parser.parse_args()
     rows: list[dict] = []
     for model in args.models:
         instruct_batch = args.instruct_batch or args.batch
-        rows += measure(model, args.steps, args.batch, args.seq, args.max_turns, instruct_batch, args.overrides)
+        rows += measure(
+            model, args.steps, args.batch, args.seq, args.max_turns, instruct_batch, args.overrides, args.profile
+        )
         write_record(Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json", args, rows)
     columns = ["model", "stage", "steps", "tokens_per_s", "real_tokens_per_s", "padding_fraction", "step_ms"]
     print_table(rows, [*columns, "x_pretrain", "recompiles_after_warmup", "steady_windows"])
+    if args.profile:
+        print_profiles([{**r, "variant": f"{r['model']} {r['stage']}"} for r in rows])
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ from afpt.data import DataError, train_tokenizer
 from afpt.instruct.chat import (
     CHATML_TEMPLATE,
     InstructDataModule,
+    PadCollate,
     encode_conversation,
     ensure_chatml,
     load_conversations,
-    pad_collate,
 )
 
 
@@ -62,8 +62,11 @@ def test_labels_cover_exactly_the_assistant_replies(tokenizer):
 def test_chatml_tokens_are_added_when_missing():
     tok = AutoTokenizer.from_pretrained(_plain_tokenizer_dir())
     model = tiny_llama(tied=False, vocab=len(tok))
+    rows = len(tok)
     assert ensure_chatml(tok, model) == 2
-    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert model.get_input_embeddings().weight.shape[0] == -(-len(tok) // 64) * 64 > rows
+    assert ensure_chatml(tok, model) == 0  # present tokens: nothing added, nothing resized
+    assert model.get_input_embeddings().weight.shape[0] == -(-len(tok) // 64) * 64
     ids = tok.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True)
     ids = ids if isinstance(ids, list) else ids["input_ids"]
     assert tok.convert_tokens_to_ids("<|im_start|>") in ids
@@ -137,7 +140,7 @@ def _examples(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]:
 def test_right_padding_without_a_mask_gives_the_masked_loss():
     """The collate drops the attention mask: causal rows padded on the right score their real tokens the same."""
     model = tiny_llama(tied=True).eval()
-    batch = pad_collate(pad_token_id=0, pad_to_multiple_of=16)(_examples([5, 23, 11]))
+    batch = PadCollate(pad_token_id=0, pad_to_multiple_of=16)(_examples([5, 23, 11]))
     assert batch["input_ids"].shape == (3, 32) and "attention_mask" not in batch
     assert batch["real_tokens"] == 5 + 23 + 11
     mask = (torch.arange(32)[None] < torch.tensor([[5], [23], [11]])).long()
@@ -162,3 +165,19 @@ def test_length_grouped_batches_pad_less_than_random_ones():
         InstructDataModule(examples, [], 16, 0, 0, batching="sorted")
     with pytest.raises(DataError, match="instruct.pad_to_multiple_of must be a positive integer, got 0"):
         InstructDataModule(examples, [], 16, 0, 0, pad_to_multiple_of=0)
+
+
+def test_loader_workers_give_the_same_batches():
+    """Worker processes (``instruct.num_workers``) take the collate function and yield the same batches in order."""
+    examples = _examples([random.Random(1).randint(8, 60) for _ in range(200)])
+    batches = {}
+    for workers in (0, 2):
+        module = InstructDataModule(examples, [], 16, 0, 0, num_workers=workers, pin_memory=False)
+        batches[workers] = [(b["input_ids"], b["labels"], b["real_tokens"]) for b in module.train_dataloader()]
+    assert len(batches[0]) == len(batches[2]) == 13
+    for (ids0, labels0, real0), (ids2, labels2, real2) in zip(batches[0], batches[2]):
+        assert torch.equal(ids0, ids2) and torch.equal(labels0, labels2) and real0 == real2
+    with pytest.raises(DataError, match="instruct.num_workers must be 'auto' or an integer >= 0, got -1"):
+        InstructDataModule(examples, [], 16, 0, 0, num_workers=-1)
+    with pytest.raises(DataError, match="instruct.pin_memory must be 'auto', true or false, got 'yes'"):
+        InstructDataModule(examples, [], 16, 0, 0, pin_memory="yes")

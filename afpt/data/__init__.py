@@ -1,6 +1,6 @@
 """The data path's first room: text sources (the world, files, the hub), the tokenizer, and packed blocks."""
 
-from afpt.data.blocks import BlockStream, CorpusDataModule, PretrainDataModule, pack, pack_corpus
+from afpt.data.blocks import BlockStream, CorpusDataModule, LoaderOptions, PretrainDataModule, pack, pack_corpus
 from afpt.data.sources import (
     Corpus,
     as_file_map,
@@ -22,6 +22,7 @@ __all__ = [
     "Corpus",
     "CorpusDataModule",
     "DataError",
+    "LoaderOptions",
     "PretrainDataModule",
     "as_file_map",
     "check_hub_reachable",

@@ -110,7 +110,38 @@ def mixture_weights(
     return out
 
 
-class PretrainDataModule(pl.LightningDataModule):
+class LoaderOptions:
+    """``num_workers`` and ``pin_memory`` of a data module's loaders, each an int/bool or ``auto``: for ``auto``,
+    AUTO_WORKERS processes (at most the CPUs) and pinned host memory when the trainer runs on CUDA, else none."""
+
+    def loader_options(self, num_workers: int | str, pin_memory: bool | str, group: str) -> None:
+        """Check and keep the two options (``group``: the config group named in errors)."""
+        if num_workers != "auto" and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
+            raise DataError(f"{group}.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
+        if pin_memory != "auto" and not isinstance(pin_memory, bool):
+            raise DataError(f"{group}.pin_memory must be 'auto', true or false, got {pin_memory!r}")
+        self._num_workers, self._pin_memory = num_workers, pin_memory
+
+    def _on_cuda(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    @property
+    def num_workers(self) -> int:
+        """Loader processes: as configured, or for ``auto`` AUTO_WORKERS (at most the CPUs) on CUDA, else 0."""
+        if self._num_workers != "auto":
+            return self._num_workers
+        return min(AUTO_WORKERS, os.cpu_count() or 1) if self._on_cuda() else 0
+
+    @property
+    def pin_memory(self) -> bool:
+        """Pinned host memory: as configured, or for ``auto`` whenever the trainer runs on CUDA."""
+        return self._on_cuda() if self._pin_memory == "auto" else self._pin_memory
+
+
+class PretrainDataModule(LoaderOptions, pl.LightningDataModule):
     """Packed, mixed blocks for training and one validation loader per language."""
 
     def __init__(
@@ -128,12 +159,6 @@ class PretrainDataModule(pl.LightningDataModule):
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise DataError(f"data.batch_size must be a positive integer, got {batch_size!r}")
-        if num_workers != "auto" and (
-            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
-        ):
-            raise DataError(f"data.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
-        if pin_memory != "auto" and not isinstance(pin_memory, bool):
-            raise DataError(f"data.pin_memory must be 'auto', true or false, got {pin_memory!r}")
         if mixture_alpha is not None and mixture:
             raise DataError("data.mixture and data.mixture_alpha are both set: give weights or a temperature, not both")
         if mixture_alpha is not None and not (isinstance(mixture_alpha, (int, float)) and 0 < mixture_alpha <= 1):
@@ -141,8 +166,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.mixture, self.mixture_alpha, self.seed = mixture, mixture_alpha, seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self._num_workers = num_workers
-        self._pin_memory = pin_memory
+        self.loader_options(num_workers, pin_memory, "data")
         if train_blocks is not None:
             self.use_blocks(train_blocks, val_blocks or {})
 
@@ -168,22 +192,6 @@ class PretrainDataModule(pl.LightningDataModule):
         self.val_blocks = {lang: ds for lang, ds in val_blocks.items() if len(ds) > 0}
         self.train_names = langs
         self.val_names = list(self.val_blocks)
-
-    def _on_cuda(self) -> bool:
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
-
-    @property
-    def num_workers(self) -> int:
-        """Loader processes: as configured, or for ``auto`` AUTO_WORKERS (at most the CPUs) on CUDA, else 0."""
-        if self._num_workers != "auto":
-            return self._num_workers
-        return min(AUTO_WORKERS, os.cpu_count() or 1) if self._on_cuda() else 0
-
-    @property
-    def pin_memory(self) -> bool:
-        """Pinned host memory: as configured, or for ``auto`` whenever the trainer runs on CUDA."""
-        return self._on_cuda() if self._pin_memory == "auto" else self._pin_memory
 
     def train_dataloader(self) -> DataLoader:
         """The training stream, resumed at the trainer's position (optimizer steps x accumulation)."""

@@ -52,7 +52,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     before = answer_metrics(model, tokenizer, eval_convs) if eval_convs else {}
 
     datamodule = InstructDataModule(
-        train, val, i.batch_size, tokenizer.pad_token_id, cfg.seed, i.batching, i.pad_to_multiple_of
+        train,
+        val,
+        i.batch_size,
+        tokenizer.pad_token_id,
+        cfg.seed,
+        i.batching,
+        i.pad_to_multiple_of,
+        i.num_workers,
+        i.pin_memory,
     )
     steps = i.epochs * math.ceil(len(train) / i.batch_size)
     module = CausalLMModule(model, **{**merged(cfg.optim, i.optim), "total_steps": steps})
