@@ -178,7 +178,7 @@ def test_pinning_an_sdpa_kernel_on_a_flex_model_is_refused():
         fit(CausalLMModule(model, sdpa_backend="math"), [], max_steps=1)
 
 
-def fp8_run(fp8):
+def fp8_run(fp8, recipe="tensorwise"):
     from afpt import ActiveForgetting
 
     losses = []
@@ -187,7 +187,7 @@ def fp8_run(fp8):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    module = CausalLMModule(tiny_llama(tied=False, layers=2), lr=1e-2, fp8=fp8, compile=False)
+    module = CausalLMModule(tiny_llama(tied=False, layers=2), lr=1e-2, fp8=fp8, fp8_recipe=recipe, compile=False)
     forgetting = ActiveForgetting(every_n_steps=3, head="never")
     fit(module, [forgetting, Losses()], max_steps=6)
     return module, forgetting, losses
@@ -208,6 +208,22 @@ def test_fp8_trains_the_decoder_linears_in_float8_and_leaves_embedding_and_head_
     assert all(torch.isfinite(torch.tensor(losses)))
     # Emulated float8 rounds the GEMM inputs to e4m3/e5m2: close to the full-precision run, not equal.
     assert losses != reference and abs(losses[-1] - reference[-1]) < 0.05 * reference[-1]
+
+
+def test_fp8_recipe_picks_torchao_scaling():
+    """``optim.fp8_recipe=rowwise`` scales per row (torchao's axiswise granularity), tensorwise per tensor."""
+    pytest.importorskip("torchao")
+    from torchao.float8.config import ScalingGranularity
+
+    granularity = {}
+    for recipe in ("tensorwise", "rowwise"):
+        module, _, losses = fp8_run("emulate", recipe)
+        q_proj = module.model.model.layers[0].self_attn.q_proj
+        granularity[recipe] = q_proj.config.cast_config_input.scaling_granularity
+        assert all(torch.isfinite(torch.tensor(losses)))
+    assert granularity == {"tensorwise": ScalingGranularity.TENSORWISE, "rowwise": ScalingGranularity.AXISWISE}
+    with pytest.raises(AfptError, match="optim.fp8_recipe must be one of .*got 'blockwise'"):
+        CausalLMModule(tiny_llama(tied=True), fp8=True, fp8_recipe="blockwise")
 
 
 def test_fp8_is_refused_without_an_fp8_gpu_and_on_models_it_cannot_convert():

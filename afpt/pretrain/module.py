@@ -36,14 +36,16 @@ class CausalLMModule(pl.LightningModule):
         warmup_fraction, decay, min_lr_ratio: linear warmup, then cosine/linear/constant decay.
         total_steps: length of the schedule; default: the trainer's estimated stepping batches.
         fused: fused AdamW; ``None`` uses it on CUDA.
-        compile, compile_mode, compile_options, loss, sdpa_backend, activation_checkpointing, rotary_tables, fp8:
+        compile, compile_mode, compile_options, loss, sdpa_backend, activation_checkpointing, rotary_tables, fp8,
+        fp8_recipe:
             the speed levers (``afpt.speed.levers``). ``compile``: ``torch.compile`` the loss computation
             (``"auto"``: when the trainer runs on CUDA); ``compile_mode`` or inductor ``compile_options``;
             ``loss``: ``hf`` (the model's own), ``liger_ce`` or ``fused_linear_ce`` (liger-kernel, CUDA only);
             ``sdpa_backend``: pin one sdpa kernel (``flash``, ``cudnn``, ``efficient``, ``math``);
             ``activation_checkpointing``: recompute each decoder layer in the backward pass;
             ``rotary_tables``: rotary cos/sin from a table computed once (exact);
-            ``fp8``: the decoder layers' linears in FP8 (torchao float8; ``"emulate"``: emulated, any device).
+            ``fp8``: the decoder layers' linears in FP8 (torchao float8; ``"emulate"``: emulated, any device),
+            scaled by torchao's ``fp8_recipe`` (``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``).
         grad_clip: max global gradient norm, applied by the module (Lightning's own
             ``gradient_clip_val`` refuses fused optimizers); ``None`` turns clipping off.
     """
@@ -71,9 +73,10 @@ class CausalLMModule(pl.LightningModule):
         activation_checkpointing: bool = False,
         rotary_tables: bool = True,
         fp8: bool | str = False,
+        fp8_recipe: str = "tensorwise",
     ) -> None:
         super().__init__()
-        check_levers(loss, compile, compile_mode, compile_options, sdpa_backend, fp8)
+        check_levers(loss, compile, compile_mode, compile_options, sdpa_backend, fp8, fp8_recipe)
         if decay not in DECAYS:
             raise ValueError(f"optim.decay must be one of {DECAYS}, got {decay!r}")
         if lr <= 0:

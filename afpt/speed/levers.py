@@ -9,6 +9,7 @@ measures each of them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,10 @@ from afpt.speed.distributed import decoder_layers, fully_shard_model, layout
 LOSSES = ("hf", "liger_ce", "fused_linear_ce")
 # Tensor-core FP8 GEMMs (torch._scaled_mm): Ada (8.9) and Hopper (9.0) on.
 FP8_MIN_CAPABILITY = (8, 9)
+# torchao's float8 recipes: tensorwise (cuBLAS, fastest), rowwise (CUTLASS, Hopper on; more accurate),
+# rowwise_with_gw_hp (the weight gradient in bf16; most accurate).
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+ROWWISE_MIN_CAPABILITY = (9, 0)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -41,10 +46,13 @@ def check_levers(
     compile_options: Mapping[str, Any] | None,
     sdpa_backend: str | None,
     fp8: bool | str = False,
+    fp8_recipe: str = "tensorwise",
 ) -> None:
     """One clear error for a lever setting that cannot work, before any training starts."""
     if not (isinstance(fp8, bool) or fp8 == "emulate"):
         raise AfptError(f"optim.fp8 must be false, true or 'emulate', got {fp8!r}")
+    if fp8_recipe not in FP8_RECIPES:
+        raise AfptError(f"optim.fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
     if fp8 and importlib.util.find_spec("torchao") is None:
         raise AfptError("optim.fp8 needs torchao: pip install -e '.[fp8]' (torchao 0.18)")
     if loss not in LOSSES:
@@ -99,9 +107,10 @@ def fp8_linears(model: nn.Module) -> set[int]:
     }
 
 
-def convert_to_fp8(model: nn.Module, mode: bool | str, device: torch.device) -> int:
-    """Swap the decoder layers' linears for torchao's ``Float8Linear`` (tensorwise scaling, dynamic casts);
-    ``mode='emulate'`` runs the casts in emulation (any device, slow: for tests). Returns how many were swapped.
+def convert_to_fp8(model: nn.Module, mode: bool | str, device: torch.device, recipe: str = "tensorwise") -> int:
+    """Swap the decoder layers' linears for torchao's ``Float8Linear`` (dynamic casts, scaled by torchao's
+    ``recipe``: one scale per tensor, or per row); ``mode='emulate'`` runs the casts in emulation (any device,
+    slow: for tests). Returns how many were swapped.
 
     Refuses, with one clear error, a device without FP8 tensor cores and a model with nothing to convert.
     """
@@ -114,6 +123,11 @@ def convert_to_fp8(model: nn.Module, mode: bool | str, device: torch.device) -> 
                 f"optim.fp8=true needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper or newer); "
                 f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
             )
+        if recipe != "tensorwise" and capability < ROWWISE_MIN_CAPABILITY:
+            raise AfptError(
+                f"optim.fp8_recipe={recipe} needs rowwise-scaled FP8 GEMMs (compute capability >= 9.0: Hopper or "
+                f"newer); {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use tensorwise"
+            )
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     chosen = fp8_linears(model)
@@ -122,9 +136,8 @@ def convert_to_fp8(model: nn.Module, mode: bool | str, device: torch.device) -> 
             f"optim.fp8: {type(model).__name__} has no nn.Linear with dimensions divisible by 16 in its decoder "
             "layers (GPT-2 uses Conv1D): nothing to train in FP8"
         )
-    convert_to_float8_training(
-        model, module_filter_fn=lambda m, _: id(m) in chosen, config=Float8LinearConfig(emulate=mode == "emulate")
-    )
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=mode == "emulate")
+    convert_to_float8_training(model, module_filter_fn=lambda m, _: id(m) in chosen, config=config)
     return len(chosen)
 
 
@@ -133,7 +146,8 @@ def apply_levers(module: Any, compiles: bool) -> None:
     compile."""
     hp, model = module.hparams, module.model
     if hp.get("fp8") and not getattr(module, "_fp8", False):
-        module._fp8 = convert_to_fp8(model, hp.fp8, module.trainer.strategy.root_device)
+        recipe = hp.get("fp8_recipe", "tensorwise")
+        module._fp8 = convert_to_fp8(model, hp.fp8, module.trainer.strategy.root_device, recipe)
     if hp.rotary_tables:
         use_rotary_tables(model)
     attention = getattr(model.config, "_attn_implementation", None)
