@@ -231,7 +231,8 @@ class SleepEachStep(pl.Callback):
 
 def wandb_offline_run(run_dir: Path) -> dict[str, dict[str, Any]]:
     """What an offline wandb run stored in its ``run-*.wandb`` file (a LevelDB-style log of protobuf records,
-    the file ``wandb sync`` uploads): the last ``config``, ``history`` and ``summary`` value of every key, as JSON."""
+    the file ``wandb sync`` uploads): the last ``config``, ``history`` and ``summary`` value of every key, as JSON.
+    Config arrives in config records or, when given before the run record was written, inside that record."""
     from wandb.proto import wandb_internal_pb2
 
     (path,) = run_dir.glob("run-*.wandb")
@@ -249,6 +250,9 @@ def wandb_offline_run(run_dir: Path) -> dict[str, dict[str, Any]]:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(chunk)
         kind_name = record.WhichOneof("record_type")
+        if kind_name == "run":  # config given before the run record was written travels inside it
+            for item in record.run.config.update:
+                stored["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         if kind_name in stored:
             items = {"config": record.config.update, "history": record.history.item, "summary": record.summary.update}
             for item in items[kind_name]:
