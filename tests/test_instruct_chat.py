@@ -169,7 +169,8 @@ def test_length_grouped_batches_pad_less_than_random_ones():
 
 def test_loader_workers_give_the_same_batches():
     """Worker processes (``instruct.num_workers``) take the collate function and yield the same batches in order."""
-    examples = _examples([random.Random(1).randint(8, 60) for _ in range(200)])
+    rng = random.Random(1)
+    examples = _examples([rng.randint(8, 60) for _ in range(200)])
     batches = {}
     for workers in (0, 2):
         module = InstructDataModule(examples, [], 16, 0, 0, num_workers=workers, pin_memory=False)
@@ -181,3 +182,27 @@ def test_loader_workers_give_the_same_batches():
         InstructDataModule(examples, [], 16, 0, 0, num_workers=-1)
     with pytest.raises(DataError, match="instruct.pin_memory must be 'auto', true or false, got 'yes'"):
         InstructDataModule(examples, [], 16, 0, 0, pin_memory="yes")
+
+
+def test_compiled_instruct_training_builds_one_graph_for_every_width_and_the_short_last_batch():
+    """Varying widths and an epoch's short last batch (filled with padding rows) share one compiled graph."""
+    from helpers import quiet_trainer
+
+    from afpt.pretrain.module import CausalLMModule
+    from afpt.speed.throughput import graphs
+
+    rng = random.Random(2)
+    examples = _examples([rng.randint(8, 60) for _ in range(37)])  # 4 batches of 8, then 5 rows
+    datamodule = InstructDataModule(examples, [], 8, 0, 0, pad_to_multiple_of=16)
+    batches = list(datamodule.train_dataloader())
+    assert [b["input_ids"].shape[0] for b in batches] == [8] * 5
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1
+    assert sum(b["real_tokens"] for b in batches) == sum(len(e["input_ids"]) for e in examples)
+    built = {}
+    for dynamic in (True, False):
+        torch._dynamo.reset()
+        before = graphs()
+        module = CausalLMModule(tiny_llama(tied=True), compile=True, dynamic_length=dynamic, lr=1e-3)
+        quiet_trainer(max_epochs=1).fit(module, datamodule=datamodule)
+        built[dynamic] = graphs() - before
+    assert built == {True: 1, False: 2}, built

@@ -151,23 +151,24 @@ def encode_conversation(
 
 class PadCollate:
     """Collate examples by right-padding ids (pad) and labels (-100) to the batch's longest example, rounded
-    up to ``pad_to_multiple_of`` (a few widths, so compiled training builds few graphs). A class, so loader
-    worker processes can take it.
+    up to ``pad_to_multiple_of`` (a few widths), and, with ``rows``, a short batch (an epoch's last) to ``rows``
+    rows of padding, so compiled training keeps one graph. A class, so loader worker processes can take it.
 
     The batch has no attention mask: the padding sits to the right of causal rows whose positions start at 0,
     so no real token attends to a pad, and pads carry label -100, so the loss equals the masked loss, and
     compiled training keeps sdpa's unmasked causal kernels. ``real_tokens`` (an int) counts the non-pad tokens.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> None:
-        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, rows: int | None = None) -> None:
+        self.pad_token_id, self.pad_to_multiple_of, self.rows = pad_token_id, pad_to_multiple_of, rows
 
     def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Any]:
         """One right-padded batch."""
         longest = max(len(e["input_ids"]) for e in examples)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        rows = max(len(examples), self.rows or 0)
+        ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, width), -100, dtype=torch.long)
         for row, e in enumerate(examples):
             n = len(e["input_ids"])
             ids[row, :n] = torch.tensor(e["input_ids"])
@@ -198,7 +199,8 @@ BATCHING = ("length_grouped", "random")
 
 
 class InstructDataModule(LoaderOptions, pl.LightningDataModule):
-    """Shuffled, right-padded conversations for training; held-out ones for validation.
+    """Shuffled, right-padded conversations for training; held-out ones for validation. Every batch has
+    ``batch_size`` rows (a short last one is filled with padding rows, which the loss ignores).
 
     ``batching``: ``length_grouped`` (transformers' ``LengthGroupedSampler``: batches of similar lengths drawn
     from shuffled mega-batches, so little padding) or ``random`` (plain shuffling). ``num_workers`` and
@@ -224,7 +226,7 @@ class InstructDataModule(LoaderOptions, pl.LightningDataModule):
             raise DataError(f"instruct.pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
         self.loader_options(num_workers, pin_memory, "instruct")
         self.train, self.val, self.batch_size, self.seed, self.batching = train, val, batch_size, seed, batching
-        self.collate = PadCollate(pad_token_id, pad_to_multiple_of)
+        self.collate = PadCollate(pad_token_id, pad_to_multiple_of, rows=batch_size)
         self.val_names = ["heldout"]
 
     def _loader(self, examples: list, **kwargs: Any) -> DataLoader:

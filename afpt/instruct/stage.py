@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         i.pin_memory,
     )
     steps = i.epochs * math.ceil(len(train) / i.batch_size)
-    module = CausalLMModule(model, **{**merged(cfg.optim, i.optim), "total_steps": steps})
+    module = CausalLMModule(model, **{**merged(cfg.optim, i.optim), "total_steps": steps, "dynamic_length": True})
     validation = {"check_val_every_n_epoch": 1, "limit_val_batches": 1.0 if val else 0}
     trainer = build_trainer(cfg, run_dir, [], **{**to_dict(i.trainer), **validation})
     require_replicated(trainer, "instruct")

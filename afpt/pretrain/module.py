@@ -46,6 +46,9 @@ class CausalLMModule(pl.LightningModule):
             ``rotary_tables``: rotary cos/sin from a table computed once (exact);
             ``fp8``: the decoder layers' linears in FP8 (torchao float8; ``"emulate"``: emulated, any device),
             scaled by torchao's ``fp8_recipe`` (``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``).
+        dynamic_length: batches vary in length (right-padded instruction batches): a compiled model traces the
+            sequence length as a symbol from the first batch, one graph for every width instead of a graph for
+            the first width and a second, dynamic one when the next differs.
         grad_clip: max global gradient norm, applied by the module (Lightning's own
             ``gradient_clip_val`` refuses fused optimizers); ``None`` turns clipping off.
     """
@@ -74,6 +77,7 @@ class CausalLMModule(pl.LightningModule):
         rotary_tables: bool = True,
         fp8: bool | str = False,
         fp8_recipe: str = "tensorwise",
+        dynamic_length: bool = False,
     ) -> None:
         super().__init__()
         check_levers(loss, compile, compile_mode, compile_options, sdpa_backend, fp8, fp8_recipe)
@@ -141,6 +145,9 @@ class CausalLMModule(pl.LightningModule):
 
     def _loss_of(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch.get("labels", batch["input_ids"])
+        if self.hparams.dynamic_length:
+            for tensor in (batch["input_ids"], labels):
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
         n_tokens = (labels[:, 1:] != -100).sum()
         if self.hparams.loss != "hf":
             return liger_loss(self, batch, labels), n_tokens
