@@ -22,6 +22,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,8 +79,10 @@ def measure(
     instruct_batch: int,
     extra: list[str],
     profile: bool = False,
+    save: Callable[[list[dict]], None] = lambda rows: None,
 ) -> list[dict]:
-    """Pretrain, adapt, then instruction-tune ``model``; one row per stage (``profile``: with its kernel split)."""
+    """Pretrain, adapt, then instruction-tune ``model``; one row per stage (``profile``: with its kernel split),
+    handed to ``save`` as each stage ends, so a run cut off keeps what it measured."""
     run = steps + 12 if profile else steps
     common = [
         f"model={model}",
@@ -96,7 +99,17 @@ def measure(
         "data.num_workers=4",
         *extra,
     ]
-    rows = []
+    rows: list[dict] = []
+
+    def done(stage: str, metrics: dict, start: float, run_dir: str) -> None:
+        rows.append(row(model, stage, metrics, time.perf_counter() - start))
+        if profile:
+            rows[-1]["profile"] = json.loads((Path(run_dir) / "profile.json").read_text())
+        measured = rows[-1]["tokens_per_s" if stage == "adapt" else "real_tokens_per_s"]
+        if stage != "pretrain" and measured and rows[0]["tokens_per_s"]:  # None: no window after warm-up
+            rows[-1]["x_pretrain"] = measured / rows[0]["tokens_per_s"]
+        save(rows)
+
     with tempfile.TemporaryDirectory() as root:
         pre_dir, ada_dir = str(Path(root) / "pretrain"), str(Path(root) / "adapt")
         cfg = config([*common, f"trainer.max_steps={run}", f"trainer.val_check_interval={steps}"], pre_dir)
@@ -104,7 +117,7 @@ def measure(
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = pretrain.run(cfg)
-        rows.append(row(model, "pretrain", metrics, time.perf_counter() - start))
+        done("pretrain", metrics, start, pre_dir)
         cfg = config(
             [
                 *common,
@@ -119,7 +132,7 @@ def measure(
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = adapt.run(cfg)
-        rows.append(row(model, "adapt", metrics, time.perf_counter() - start))
+        done("adapt", metrics, start, ada_dir)
         chats = Path(root) / "chats.jsonl"
         chats.write_text(
             "".join(
@@ -146,12 +159,7 @@ def measure(
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = instruct.run(cfg)
-        rows.append(row(model, "instruct", metrics, time.perf_counter() - start))
-        for stage_row, stage_dir in zip(rows, (pre_dir, ada_dir, cfg.paths.run_dir)):
-            if profile:
-                stage_row["profile"] = json.loads((Path(stage_dir) / "profile.json").read_text())
-    rows[1]["x_pretrain"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    rows[2]["x_pretrain"] = (rows[2]["real_tokens_per_s"] or 0) / rows[0]["tokens_per_s"]
+        done("instruct", metrics, start, cfg.paths.run_dir)
     return rows
 
 
@@ -189,12 +197,20 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both stages")
     args = parser.parse_args()
     rows: list[dict] = []
+    out = Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json"
     for model in args.models:
         instruct_batch = args.instruct_batch or args.batch
         rows += measure(
-            model, args.steps, args.batch, args.seq, args.max_turns, instruct_batch, args.overrides, args.profile
+            model,
+            args.steps,
+            args.batch,
+            args.seq,
+            args.max_turns,
+            instruct_batch,
+            args.overrides,
+            args.profile,
+            save=lambda measured, before=list(rows): write_record(out, args, before + measured),
         )
-        write_record(Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json", args, rows)
     columns = ["model", "stage", "steps", "tokens_per_s", "real_tokens_per_s", "padding_fraction", "step_ms"]
     print_table(rows, [*columns, "x_pretrain", "recompiles_after_warmup", "steady_windows"])
     if args.profile:

@@ -29,3 +29,22 @@ def test_interconnect_measures_every_collective_and_size(tmp_path):
     assert all(row["ms"] > 0 and row["bus_GBps"] > 0 for row in record["rows"])
     assert "| all_reduce | 2 |" in result.stdout
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_stages_measures_adapt_and_instruct_against_pretraining_with_profiles(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "stages.py"), "--models", "tiny", "--steps", "12", "--batch", "4"]
+        + ["--seq", "64", "--max-turns", "4", "--profile", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "stages-cpu.json").read_text())["rows"]
+    assert [row["stage"] for row in rows] == ["pretrain", "adapt", "instruct"]
+    assert all(row["tokens_per_s"] > 0 and row["profile"]["wall_ms_per_step"] > 0 for row in rows)
+    assert rows[1]["frozen_unchanged"] is True
+    assert rows[1]["x_pretrain"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    assert rows[2]["x_pretrain"] == pytest.approx(rows[2]["real_tokens_per_s"] / rows[0]["tokens_per_s"])
+    assert "| tiny | instruct |" in result.stdout and "ms per step" in result.stdout
