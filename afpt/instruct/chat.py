@@ -45,7 +45,7 @@ def ensure_chatml(
 
     Added tokens get embedding rows from transformers' mean-resizing rule (``adapt.init=mean``), through the
     same vocabulary expansion as adaptation; a grown embedding is padded to ``pad_multiple`` rows, as in
-    pretraining and adaptation (a head of 6,146 rows runs slower GEMMs than one of 6,208).
+    pretraining and adaptation, so the head's GEMMs keep aligned shapes.
     """
     missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
     if missing:
