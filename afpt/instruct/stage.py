@@ -48,9 +48,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     val, overflow_val = encode_all(tokenizer, heldout_convs, max_length, i.overflow, False)
     if not train:
         raise DataError(f"no training conversation left ({overflow_train} longer than {max_length} tokens)")
-    eval_convs = heldout_convs[: i.eval_questions]
-    before = answer_metrics(model, tokenizer, eval_convs) if eval_convs else {}
-
     datamodule = InstructDataModule(
         train,
         val,
@@ -67,6 +64,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validation = {"check_val_every_n_epoch": 1, "limit_val_batches": 1.0 if val else 0}
     trainer = build_trainer(cfg, run_dir, [], **{**to_dict(i.trainer), **validation})
     require_replicated(trainer, "instruct")
+    eval_convs = heldout_convs[: i.eval_questions]
+    before = answer_metrics(model, tokenizer, eval_convs) if eval_convs else {}
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - start
