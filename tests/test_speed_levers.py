@@ -210,7 +210,7 @@ def test_fp8_trains_the_decoder_linears_in_float8_and_leaves_embedding_and_head_
     assert losses != reference and abs(losses[-1] - reference[-1]) < 0.05 * reference[-1]
 
 
-def test_fp8_recipe_picks_torchao_scaling():
+def test_fp8_recipe_picks_torchao_scaling(caplog):
     """``optim.fp8_recipe=rowwise`` scales per row (torchao's axiswise granularity), tensorwise per tensor."""
     pytest.importorskip("torchao")
     from torchao.float8.config import ScalingGranularity
@@ -224,6 +224,9 @@ def test_fp8_recipe_picks_torchao_scaling():
     assert granularity == {"tensorwise": ScalingGranularity.TENSORWISE, "rowwise": ScalingGranularity.AXISWISE}
     with pytest.raises(AfptError, match="optim.fp8_recipe must be one of .*got 'blockwise'"):
         CausalLMModule(tiny_llama(tied=True), fp8=True, fp8_recipe="blockwise")
+    with caplog.at_level("WARNING", logger="afpt"):
+        CausalLMModule(tiny_llama(tied=True), fp8_recipe="rowwise")
+    assert "optim.fp8_recipe=rowwise has no effect: optim.fp8 is false" in caplog.text
 
 
 def test_fp8_is_refused_without_an_fp8_gpu_and_on_models_it_cannot_convert():

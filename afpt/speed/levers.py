@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,8 @@ from transformers import PreTrainedModel
 from afpt.errors import AfptError
 from afpt.speed.attention import CAUSAL_SDPA, use_rotary_tables
 from afpt.speed.distributed import decoder_layers, fully_shard_model, layout
+
+log = logging.getLogger("afpt")
 
 LOSSES = ("hf", "liger_ce", "fused_linear_ce")
 # Tensor-core FP8 GEMMs (torch._scaled_mm): Ada (8.9) and Hopper (9.0) on.
@@ -53,6 +56,8 @@ def check_levers(
         raise AfptError(f"optim.fp8 must be false, true or 'emulate', got {fp8!r}")
     if fp8_recipe not in FP8_RECIPES:
         raise AfptError(f"optim.fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
+    if fp8_recipe != "tensorwise" and not fp8:
+        log.warning("optim.fp8_recipe=%s has no effect: optim.fp8 is false", fp8_recipe)
     if fp8 and importlib.util.find_spec("torchao") is None:
         raise AfptError("optim.fp8 needs torchao: pip install -e '.[fp8]' (torchao 0.18)")
     if loss not in LOSSES:
