@@ -23,6 +23,20 @@ def write_record(path: Path, args: argparse.Namespace, rows: list[dict]) -> None
     path.write_text(json.dumps(record, indent=2))
 
 
+PROFILE_EXTRA_STEPS = 12
+
+
+def with_profile(cfg, steps: int, run_dir: str):
+    """``cfg`` (a composed afpt config) with ``KernelBreakdown`` over 10 steps from step ``steps + 1``, writing
+    ``run_dir/profile.json``: the run goes PROFILE_EXTRA_STEPS past the measured steps, so no window is slowed."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.callbacks.profile = {"_target_": "afpt.speed.throughput.KernelBreakdown", "dirpath": run_dir}
+        cfg.callbacks.profile.update(start_step=steps + 1, steps=10, top=40)
+    return cfg
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
     """One Markdown row per measured row (its first column names it); a failed row shows its error."""
     print("| " + " | ".join(cols) + " |")

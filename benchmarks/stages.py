@@ -29,7 +29,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
-from record import device_name, print_table, write_record
+from record import PROFILE_EXTRA_STEPS, device_name, print_table, with_profile, write_record
 from throughput import print_profiles
 
 import afpt.adapt.stage as adapt
@@ -62,14 +62,6 @@ def conversations(cfg, count: int, max_turns: int, seed: int) -> list[dict]:
     return out
 
 
-def profiled(cfg, steps: int, run_dir: str):
-    """``cfg`` with ``KernelBreakdown`` over 10 steps after the ``steps`` measured ones (no window is slowed)."""
-    with open_dict(cfg):
-        cfg.callbacks.profile = {"_target_": "afpt.speed.throughput.KernelBreakdown", "dirpath": run_dir}
-        cfg.callbacks.profile.update(start_step=steps + 1, steps=10, top=40)
-    return cfg
-
-
 def measure(
     model: str,
     steps: int,
@@ -83,7 +75,7 @@ def measure(
 ) -> list[dict]:
     """Pretrain, adapt, then instruction-tune ``model``; one row per stage (``profile``: with its kernel split),
     handed to ``save`` as each stage ends, so a run cut off keeps what it measured."""
-    run = steps + 12 if profile else steps
+    run = steps + PROFILE_EXTRA_STEPS if profile else steps
     common = [
         f"model={model}",
         "trainer=gpu" if torch.cuda.is_available() else "trainer=cpu",
@@ -113,7 +105,7 @@ def measure(
     with tempfile.TemporaryDirectory() as root:
         pre_dir, ada_dir = str(Path(root) / "pretrain"), str(Path(root) / "adapt")
         cfg = config([*common, f"trainer.max_steps={run}", f"trainer.val_check_interval={steps}"], pre_dir)
-        cfg = profiled(cfg, steps, pre_dir) if profile else cfg
+        cfg = with_profile(cfg, steps, pre_dir) if profile else cfg
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = pretrain.run(cfg)
@@ -128,7 +120,7 @@ def measure(
             ],
             ada_dir,
         )
-        cfg = profiled(cfg, steps, ada_dir) if profile else cfg
+        cfg = with_profile(cfg, steps, ada_dir) if profile else cfg
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = adapt.run(cfg)
@@ -155,7 +147,7 @@ def measure(
             ],
             str(Path(root) / "instruct"),
         )
-        cfg = profiled(cfg, steps, cfg.paths.run_dir) if profile else cfg
+        cfg = with_profile(cfg, steps, cfg.paths.run_dir) if profile else cfg
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = instruct.run(cfg)

@@ -33,7 +33,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
-from record import device_name, print_table, write_record
+from record import PROFILE_EXTRA_STEPS, device_name, print_table, with_profile, write_record
 
 import afpt.pretrain.stage as pretrain
 
@@ -99,10 +99,9 @@ def run_variant(
         cfg = compose(config_name="config", overrides=overrides)
     with open_dict(cfg), tempfile.TemporaryDirectory() as run_dir:
         cfg.paths.run_dir = run_dir
-        if profile:  # 10 extra steps after the measured ones, so the profiler slows no throughput window
-            cfg.trainer.max_steps = steps + 12
-            cfg.callbacks.profile = {"_target_": "afpt.speed.throughput.KernelBreakdown", "dirpath": run_dir}
-            cfg.callbacks.profile.update(start_step=steps + 1, steps=10, top=40)
+        if profile:
+            cfg.trainer.max_steps = steps + PROFILE_EXTRA_STEPS
+            with_profile(cfg, steps, run_dir)
         torch._dynamo.reset()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
