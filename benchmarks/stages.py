@@ -8,10 +8,14 @@ the adapted model's is larger (the merged vocabulary), which costs adaptation, n
 ``afpt stage=instruct`` of the adapted model on multi-turn ChatML conversations built from the world's English
 questions (a random 2 to ``--max-turns`` turns each, so lengths vary up to the sequence length; ``--instruct-batch``
 conversations per step (default ``--batch``), length-grouped and right-padded, compiled on CUDA), for about ``--steps`` steps; its
-``x_pretrain`` is real (non-pad) tokens/s over pretraining tokens/s. Prints a table and writes the rows as JSON
-to ``--out`` (default: $OUT or benchmarks/).
+``x_pretrain`` is real (non-pad) tokens/s over pretraining tokens/s. Each ``--instruct-variants`` entry runs
+instruct once more on the same adapted model: space-separated Hydra overrides for that run, where ``turns=N``
+sets its most turns (``turns=400`` makes every conversation longer than the sequence, so every row is truncated
+to full width, as pretraining's). Prints a table and writes the rows as JSON to ``--out`` (default: $OUT or
+benchmarks/).
 
     python benchmarks/stages.py --models llama_124m mistral_400m --steps 200 --batch 64
+    python benchmarks/stages.py --steps 120 --instruct-variants "turns=400" "instruct.pin_memory=true"
 """
 
 from __future__ import annotations
@@ -72,9 +76,11 @@ def measure(
     extra: list[str],
     profile: bool = False,
     save: Callable[[list[dict]], None] = lambda rows: None,
+    instruct_variants: tuple[str, ...] = (),
 ) -> list[dict]:
-    """Pretrain, adapt, then instruction-tune ``model``; one row per stage (``profile``: with its kernel split),
-    handed to ``save`` as each stage ends, so a run cut off keeps what it measured."""
+    """Pretrain, adapt, then instruction-tune ``model`` (once, then once per ``instruct_variants`` entry); one
+    row per run (``profile``: with its kernel split), handed to ``save`` as each run ends, so a run cut off
+    keeps what it measured."""
     run = steps + PROFILE_EXTRA_STEPS if profile else steps
     common = [
         f"model={model}",
@@ -125,33 +131,38 @@ def measure(
         start = time.perf_counter()
         metrics = adapt.run(cfg)
         done("adapt", metrics, start, ada_dir)
-        chats = Path(root) / "chats.jsonl"
-        chats.write_text(
-            "".join(
-                json.dumps(c) + "\n" for c in conversations(cfg, (run + 2 * profile) * instruct_batch, max_turns, 0)
+        for variant in ("", *instruct_variants):
+            words = variant.split()
+            turns = next((int(w[6:]) for w in words if w.startswith("turns=")), max_turns)
+            chats = Path(root) / f"chats-{turns}.jsonl"
+            chats.write_text(
+                "".join(
+                    json.dumps(c) + "\n" for c in conversations(cfg, (run + 2 * profile) * instruct_batch, turns, 0)
+                )
             )
-        )
-        cfg = config(
-            [
-                *common,
-                f"init_from={ada_dir}/model",
-                "instruct.source=dataset",
-                "instruct.format=messages",
-                f"instruct.files={chats}",
-                f"instruct.max_length={seq}",
-                "instruct.overflow=truncate",
-                f"instruct.batch_size={instruct_batch}",
-                "instruct.epochs=1",
-                "instruct.heldout_fraction=0.01",
-                "instruct.eval_questions=0",
-            ],
-            str(Path(root) / "instruct"),
-        )
-        cfg = with_profile(cfg, steps, cfg.paths.run_dir) if profile else cfg
-        torch._dynamo.reset()
-        start = time.perf_counter()
-        metrics = instruct.run(cfg)
-        done("instruct", metrics, start, cfg.paths.run_dir)
+            run_dir = str(Path(root) / f"instruct{len(rows)}")
+            cfg = config(
+                [
+                    *common,
+                    f"init_from={ada_dir}/model",
+                    "instruct.source=dataset",
+                    "instruct.format=messages",
+                    f"instruct.files={chats}",
+                    f"instruct.max_length={seq}",
+                    "instruct.overflow=truncate",
+                    f"instruct.batch_size={instruct_batch}",
+                    "instruct.epochs=1",
+                    "instruct.heldout_fraction=0.01",
+                    "instruct.eval_questions=0",
+                    *(w for w in words if not w.startswith("turns=")),
+                ],
+                run_dir,
+            )
+            cfg = with_profile(cfg, steps, run_dir) if profile else cfg
+            torch._dynamo.reset()
+            start = time.perf_counter()
+            metrics = instruct.run(cfg)
+            done(f"instruct {variant}".strip(), metrics, start, run_dir)
     return rows
 
 
@@ -186,7 +197,13 @@ def main() -> None:
     parser.add_argument("--instruct-batch", type=int, help="conversations per instruct step (default: --batch)")
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     parser.add_argument("--profile", action="store_true", help="split 10 more steps' GPU time by kernel category")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both stages")
+    parser.add_argument(
+        "--instruct-variants",
+        nargs="*",
+        default=[],
+        help='more instruct runs of the adapted model, each "OVERRIDE ..." (turns=N: most turns in its conversations)',
+    )
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
     rows: list[dict] = []
     out = Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json"
@@ -202,6 +219,7 @@ def main() -> None:
             args.overrides,
             args.profile,
             save=lambda measured, before=list(rows): write_record(out, args, before + measured),
+            instruct_variants=tuple(args.instruct_variants),
         )
     columns = ["model", "stage", "steps", "tokens_per_s", "real_tokens_per_s", "padding_fraction", "step_ms"]
     print_table(rows, [*columns, "x_pretrain", "recompiles_after_warmup", "steady_windows"])

@@ -35,16 +35,24 @@ def test_interconnect_measures_every_collective_and_size(tmp_path):
 def test_stages_measures_adapt_and_instruct_against_pretraining_with_profiles(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "stages.py"), "--models", "tiny", "--steps", "12", "--batch", "4"]
-        + ["--seq", "64", "--max-turns", "4", "--profile", "--out", str(tmp_path)],
+        + ["--seq", "64", "--max-turns", "4", "--profile", "--out", str(tmp_path)]
+        + ["--instruct-variants", "turns=400 instruct.pad_to_multiple_of=64"],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "stages-cpu.json").read_text())["rows"]
-    assert [row["stage"] for row in rows] == ["pretrain", "adapt", "instruct"]
+    assert [row["stage"] for row in rows] == [
+        "pretrain",
+        "adapt",
+        "instruct",
+        "instruct turns=400 instruct.pad_to_multiple_of=64",
+    ]
     assert all(row["tokens_per_s"] > 0 and row["profile"]["wall_ms_per_step"] > 0 for row in rows)
     assert rows[1]["frozen_unchanged"] is True
     assert rows[1]["x_pretrain"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
     assert rows[2]["x_pretrain"] == pytest.approx(rows[2]["real_tokens_per_s"] / rows[0]["tokens_per_s"])
+    # 400 turns overflow every row: all are cut to the full 64 tokens, so nothing is padding.
+    assert rows[3]["padding_fraction"] == 0 < rows[2]["padding_fraction"]
     assert "| tiny | instruct |" in result.stdout and "ms per step" in result.stdout
