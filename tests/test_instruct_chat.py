@@ -167,6 +167,21 @@ def test_length_grouped_batches_pad_less_than_random_ones():
         InstructDataModule(examples, [], 16, 0, 0, pad_to_multiple_of=0)
 
 
+def test_module_batches_equal_the_collate_of_the_token_lists():
+    """The module keeps conversations as int32 tensors; its batches are the int64 batches of the token lists."""
+    rng = random.Random(3)
+    examples = _examples([rng.randint(8, 60) for _ in range(40)])
+    module = InstructDataModule(examples, examples[:5], 8, 0, 0, batching="random")
+    assert module.pin_memory is False  # auto: pinned only when the trainer runs on CUDA
+    sampler_order = list(module.train_dataloader().sampler)
+    collate = PadCollate(0, 1, rows=8)
+    for i, batch in enumerate(module.train_dataloader()):
+        expected = collate([examples[j] for j in sampler_order[8 * i : 8 * i + 8]])
+        assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
+        assert torch.equal(batch["input_ids"], expected["input_ids"]) and torch.equal(batch["labels"], expected["labels"])
+        assert batch["real_tokens"] == expected["real_tokens"]
+
+
 def test_loader_workers_give_the_same_batches():
     """Worker processes (``instruct.num_workers``) take the collate function and yield the same batches in order."""
     rng = random.Random(1)

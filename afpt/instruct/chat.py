@@ -150,7 +150,8 @@ def encode_conversation(
 
 
 class PadCollate:
-    """Collate examples by right-padding ids (pad) and labels (-100) to the batch's longest example, rounded
+    """Collate examples (token lists or 1-D tensors) by right-padding ids (pad) and labels (-100) to the batch's
+    longest example, rounded
     up to ``pad_to_multiple_of`` (a few widths), and, with ``rows``, a short batch (an epoch's last) to ``rows``
     rows of padding, so compiled training keeps one graph. A class, so loader worker processes can take it.
 
@@ -171,8 +172,8 @@ class PadCollate:
         labels = torch.full((rows, width), -100, dtype=torch.long)
         for row, e in enumerate(examples):
             n = len(e["input_ids"])
-            ids[row, :n] = torch.tensor(e["input_ids"])
-            labels[row, :n] = torch.tensor(e["labels"])
+            ids[row, :n] = torch.as_tensor(e["input_ids"])
+            labels[row, :n] = torch.as_tensor(e["labels"])
         return {"input_ids": ids, "labels": labels, "real_tokens": sum(len(e["input_ids"]) for e in examples)}
 
 
@@ -198,13 +199,19 @@ def encode_all(tokenizer, conversations, max_length: int, overflow: str, train_o
 BATCHING = ("length_grouped", "random")
 
 
+def as_tensors(examples: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+    """Each example's ``input_ids`` and ``labels`` as int32 tensors (half the memory of int64)."""
+    return [{key: torch.as_tensor(e[key], dtype=torch.int32) for key in ("input_ids", "labels")} for e in examples]
+
+
 class InstructDataModule(LoaderOptions, pl.LightningDataModule):
     """Shuffled, right-padded conversations for training; held-out ones for validation. Every batch has
     ``batch_size`` rows (a short last one is filled with padding rows, which the loss ignores).
 
     ``batching``: ``length_grouped`` (transformers' ``LengthGroupedSampler``: batches of similar lengths drawn
     from shuffled mega-batches, so little padding) or ``random`` (plain shuffling). ``num_workers`` and
-    ``pin_memory``: as the ``data`` group's (``auto``: 4 loader processes and pinned memory on CUDA).
+    ``pin_memory``: as the ``data`` group's (``auto``: 4 loader processes and pinned memory on CUDA; pinned
+    batches let the host run a step ahead of the GPU, pageable ones make every copy wait for the GPU).
     """
 
     def __init__(
@@ -217,7 +224,7 @@ class InstructDataModule(LoaderOptions, pl.LightningDataModule):
         batching: str = "length_grouped",
         pad_to_multiple_of: int = 1,
         num_workers: int | str = 0,
-        pin_memory: bool | str = False,
+        pin_memory: bool | str = "auto",
     ) -> None:
         super().__init__()
         if batching not in BATCHING:
@@ -225,7 +232,9 @@ class InstructDataModule(LoaderOptions, pl.LightningDataModule):
         if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
             raise DataError(f"instruct.pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
         self.loader_options(num_workers, pin_memory, "instruct")
-        self.train, self.val, self.batch_size, self.seed, self.batching = train, val, batch_size, seed, batching
+        # Held as int32 tensors: collating copies slices, instead of building tensors from Python lists.
+        self.train, self.val = as_tensors(train), as_tensors(val)
+        self.batch_size, self.seed, self.batching = batch_size, seed, batching
         self.collate = PadCollate(pad_token_id, pad_to_multiple_of, rows=batch_size)
         self.val_names = ["heldout"]
 
