@@ -178,7 +178,8 @@ def test_module_batches_equal_the_collate_of_the_token_lists():
     for i, batch in enumerate(module.train_dataloader()):
         expected = collate([examples[j] for j in sampler_order[8 * i : 8 * i + 8]])
         assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
-        assert torch.equal(batch["input_ids"], expected["input_ids"]) and torch.equal(batch["labels"], expected["labels"])
+        assert torch.equal(batch["input_ids"], expected["input_ids"])
+        assert torch.equal(batch["labels"], expected["labels"])
         assert batch["real_tokens"] == expected["real_tokens"]
 
 
