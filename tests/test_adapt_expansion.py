@@ -128,6 +128,20 @@ def test_freeze_policies_change_exactly_the_promised_tensors(policy, tied):
         assert ("lm_head.weight" in changed) == (policy in ("new_rows_and_head", "full"))
 
 
+def test_new_rows_policy_zeroes_exactly_the_old_rows_gradient():
+    """The embedding's gradient keeps the new rows' values bit for bit and is 0 on every old row."""
+    model = tiny_llama(tied=True, vocab=96)
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    full = model.get_input_embeddings().weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    apply_policy(model, "new_rows_and_head", 80)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad = model.get_input_embeddings().weight.grad
+    assert torch.equal(grad[:80], torch.zeros_like(grad[:80])) and full[:80].abs().sum() > 0
+    assert torch.equal(grad[80:], full[80:]) and full[80:].abs().sum() > 0
+
+
 def test_official_focus_copies_shared_rows_and_makes_new_rows_convex_combinations(base_model, tmp_path):
     pytest.importorskip("deepfocus")
     from helpers import compose_config

@@ -35,6 +35,30 @@ def test_a_compiled_training_loop_with_forgetting_never_waits_for_the_gpu(tmp_pa
         assert isinstance(entry["loss_before"], float) and isinstance(entry["loss_after"], float)
 
 
+def test_adapting_new_rows_never_waits_for_the_gpu(tmp_path):
+    """The new-rows policy's gradient hook runs on the GPU alone (it once copied a CPU mask every backward)."""
+    from afpt.adapt.expansion import apply_policy, expand_vocabulary
+
+    model = tiny_llama(tied=True, vocab=96)
+    expand_vocabulary(model, 80, 96, "mean", torch.Generator().manual_seed(0), pad_multiple=1)
+    apply_policy(model, "new_rows_and_head", 80)
+    profile = KernelBreakdown(str(tmp_path), start_step=2, steps=4)
+    trainer = quiet_trainer(accelerator="gpu", precision="bf16-mixed", max_steps=8, callbacks=[profile])
+    trainer.fit(CausalLMModule(model, compile=True), train_dataloaders=loader())
+    assert profile.result["sync_sites"] == {}
+
+
+def test_instruct_batches_are_pinned_on_cuda():
+    """``instruct.pin_memory=auto`` pins batches when the trainer runs on CUDA (pageable copies stall the host)."""
+    from afpt.instruct.chat import InstructDataModule
+
+    examples = [{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 9, 17, 4)]
+    module = InstructDataModule(examples, [], 2, 0, 0)
+    module.trainer = quiet_trainer(accelerator="gpu")
+    batch = next(iter(module.train_dataloader()))
+    assert module.pin_memory is True and batch["input_ids"].is_pinned() and batch["labels"].is_pinned()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
 def test_liger_cross_entropy_matches_the_hf_loss_and_gradients():
     batch = {"input_ids": torch.randint(1, 96, (4, 16), device="cuda")}

@@ -149,9 +149,9 @@ def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
     if policy == "new_rows_and_head" and head is not None:
         head.requires_grad_(True)
     if policy == "new_rows_and_head":
-        mask = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype, device=embedding.device)
-        mask[n_old:] = 1
-        embedding.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+        # Zero the old rows by slicing, on the gradient's own device: a row mask kept from here would sit on
+        # the CPU and be copied to the GPU at every backward, a copy that stalls the host on the GPU.
+        embedding.register_hook(lambda grad: torch.cat((grad.new_zeros(n_old, *grad.shape[1:]), grad[n_old:])))
     counts = {"embedding_rows": 0, "head": 0, "body": 0}
     rows = embedding.shape[0] - n_old if policy == "new_rows_and_head" else embedding.shape[0]
     counts["embedding_rows"] = rows * embedding.shape[1] if embedding.requires_grad else 0

@@ -1,5 +1,11 @@
 """Diagnostic: cProfile the host over steps [start, start+n) of a Lightning run; writes $OUT/hostprof-<tag>.txt."""
-import cProfile, io, os, pstats, time
+
+import cProfile
+import io
+import os
+import pstats
+import time
+
 import lightning.pytorch as pl
 import torch
 
@@ -29,7 +35,10 @@ class HostProfile(pl.Callback):
             torch.cuda.is_available() and torch.cuda.synchronize()
             wall = time.perf_counter() - self.t0
             s = io.StringIO()
-            print(f"{self.tag}: {self.n} steps, wall {1000*wall/self.n:.1f} ms/step, inside batch hooks {1000*self.inside/self.n:.1f} ms/step", file=s)
+            print(
+                f"{self.tag}: {self.n} steps, wall {1000 * wall / self.n:.1f} ms/step, inside batch hooks {1000 * self.inside / self.n:.1f} ms/step",
+                file=s,
+            )
             st = pstats.Stats(self.prof, stream=s)
             st.sort_stats("tottime").print_stats(35)
             st.sort_stats("cumulative").print_stats(60)
