@@ -151,9 +151,9 @@ def encode_conversation(
 
 class PadCollate:
     """Collate examples (token lists or 1-D tensors) by right-padding ids (pad) and labels (-100) to the batch's
-    longest example, rounded
-    up to ``pad_to_multiple_of`` (a few widths), and, with ``rows``, a short batch (an epoch's last) to ``rows``
-    rows of padding, so compiled training keeps one graph. A class, so loader worker processes can take it.
+    longest example, rounded up to ``pad_to_multiple_of`` (a few widths), and, with ``rows``, a short batch (an
+    epoch's last) to ``rows`` rows of padding, so compiled training keeps one graph. A class, so loader worker
+    processes can take it.
 
     The batch has no attention mask: the padding sits to the right of causal rows whose positions start at 0,
     so no real token attends to a pad, and pads carry label -100, so the loss equals the masked loss, and
