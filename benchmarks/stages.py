@@ -205,6 +205,10 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
+    for variant in args.instruct_variants:
+        for word in variant.split():
+            if word.startswith("turns=") and not (word[6:].isdigit() and int(word[6:]) >= 2):
+                parser.error(f"--instruct-variants {variant!r}: {word} must be turns=N with N >= 2")
     rows: list[dict] = []
     out = Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json"
     for model in args.models:
