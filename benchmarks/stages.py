@@ -99,7 +99,11 @@ def measure(
     ]
     rows: list[dict] = []
 
-    def done(stage: str, metrics: dict, start: float, run_dir: str) -> None:
+    def run_stage(stage: str, runner: Callable[[object], dict], cfg, run_dir: str) -> None:
+        cfg = with_profile(cfg, steps, run_dir) if profile else cfg
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        metrics = runner(cfg)
         rows.append(row(model, stage, metrics, time.perf_counter() - start))
         if profile:
             rows[-1]["profile"] = json.loads((Path(run_dir) / "profile.json").read_text())
@@ -111,11 +115,7 @@ def measure(
     with tempfile.TemporaryDirectory() as root:
         pre_dir, ada_dir = str(Path(root) / "pretrain"), str(Path(root) / "adapt")
         cfg = config([*common, f"trainer.max_steps={run}", f"trainer.val_check_interval={steps}"], pre_dir)
-        cfg = with_profile(cfg, steps, pre_dir) if profile else cfg
-        torch._dynamo.reset()
-        start = time.perf_counter()
-        metrics = pretrain.run(cfg)
-        done("pretrain", metrics, start, pre_dir)
+        run_stage("pretrain", pretrain.run, cfg, pre_dir)
         cfg = config(
             [
                 *common,
@@ -126,11 +126,7 @@ def measure(
             ],
             ada_dir,
         )
-        cfg = with_profile(cfg, steps, ada_dir) if profile else cfg
-        torch._dynamo.reset()
-        start = time.perf_counter()
-        metrics = adapt.run(cfg)
-        done("adapt", metrics, start, ada_dir)
+        run_stage("adapt", adapt.run, cfg, ada_dir)
         for variant in ("", *instruct_variants):
             words = variant.split()
             turns = next((int(w[6:]) for w in words if w.startswith("turns=")), max_turns)
@@ -158,11 +154,7 @@ def measure(
                 ],
                 run_dir,
             )
-            cfg = with_profile(cfg, steps, run_dir) if profile else cfg
-            torch._dynamo.reset()
-            start = time.perf_counter()
-            metrics = instruct.run(cfg)
-            done(f"instruct {variant}".strip(), metrics, start, run_dir)
+            run_stage(f"instruct {variant}".strip(), instruct.run, cfg, run_dir)
     return rows
 
 
