@@ -122,7 +122,7 @@ def test_pretrain_stage_under_fsdp2_saves_the_full_model_and_resumes(tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "afpt", "stage=pretrain", "model=tiny", "trainer=fsdp2", "trainer.accelerator=cpu"]
     base += ["trainer.precision=32-true", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
-    base += ["forgetting.every_n_steps=2", "forgetting.check_sync=true", "logger=none", f"paths.run_dir={run}"]
+    base += ["forgetting.every_n_steps=2", "forgetting.check_sync=true", "logger=none", f"hydra.run.dir={run}"]
     first = subprocess.run([*base, "trainer.max_steps=4"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
