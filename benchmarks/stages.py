@@ -66,6 +66,16 @@ def conversations(cfg, count: int, max_turns: int, seed: int) -> list[dict]:
     return out
 
 
+def split_variant(variant: str, default_turns: int) -> tuple[int, list[str]]:
+    """An ``--instruct-variants`` entry as (most turns, Hydra overrides); ValueError for a bad ``turns=N``."""
+    words = variant.split()
+    turns = [w for w in words if w.startswith("turns=")]
+    for word in turns:
+        if not (word[6:].isdigit() and int(word[6:]) >= 2):
+            raise ValueError(f"--instruct-variants {variant!r}: {word} must be turns=N with N >= 2")
+    return (int(turns[-1][6:]) if turns else default_turns), [w for w in words if w not in turns]
+
+
 def measure(
     model: str,
     steps: int,
@@ -128,8 +138,7 @@ def measure(
         )
         run_stage("adapt", adapt.run, cfg, ada_dir)
         for variant in ("", *instruct_variants):
-            words = variant.split()
-            turns = next((int(w[6:]) for w in words if w.startswith("turns=")), max_turns)
+            turns, overrides = split_variant(variant, max_turns)
             chats = Path(root) / f"chats-{turns}.jsonl"
             chats.write_text(
                 "".join(
@@ -150,7 +159,7 @@ def measure(
                     "instruct.epochs=1",
                     "instruct.heldout_fraction=0.01",
                     "instruct.eval_questions=0",
-                    *(w for w in words if not w.startswith("turns=")),
+                    *overrides,
                 ],
                 run_dir,
             )
@@ -198,9 +207,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
     for variant in args.instruct_variants:
-        for word in variant.split():
-            if word.startswith("turns=") and not (word[6:].isdigit() and int(word[6:]) >= 2):
-                parser.error(f"--instruct-variants {variant!r}: {word} must be turns=N with N >= 2")
+        try:
+            split_variant(variant, args.max_turns)
+        except ValueError as err:
+            parser.error(str(err))
     rows: list[dict] = []
     out = Path(args.out) / f"stages-{device_name().replace(' ', '_')}.json"
     for model in args.models:

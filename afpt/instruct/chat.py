@@ -163,7 +163,7 @@ class PadCollate:
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, rows: int | None = None) -> None:
         self.pad_token_id, self.pad_to_multiple_of, self.rows = pad_token_id, pad_to_multiple_of, rows
 
-    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Any]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """One right-padded batch."""
         longest = max(len(e["input_ids"]) for e in examples)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
