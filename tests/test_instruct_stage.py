@@ -73,3 +73,30 @@ def test_empty_instruction_file_is_refused(tmp_path):
     path.write_text("\n")
     with pytest.raises(DataError, match="holds no records"):
         load_conversations({"format": "messages", "files": str(path)})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("instruct.epochs=0", "instruct.epochs must be an integer >= 1, got 0"),
+        ("instruct.epochs=-1", "instruct.epochs must be an integer >= 1, got -1"),
+        ("instruct.eval_questions=-5", "instruct.eval_questions must be an integer >= 0, got -5"),
+        ("instruct.heldout_fraction=1.5", r"instruct.heldout_fraction must be a number in \[0, 1\), got 1.5"),
+    ],
+)
+def test_bad_instruct_options_are_refused_before_any_work(tmp_path, override, message):
+    """Each is one error naming the key, before the model is even looked for (``init_from`` does not exist)."""
+    from afpt.errors import AfptError
+
+    cfg = compose_config(tmp_path / "run", [f"init_from={tmp_path / 'no-model'}", override])
+    with pytest.raises(AfptError, match=message):
+        instruct.run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_zero_instruct_batch_is_refused():
+    from afpt.instruct.chat import InstructDataModule
+
+    examples = [{"input_ids": [5, 6], "labels": [5, 6]}]
+    with pytest.raises(DataError, match="instruct.batch_size must be a positive integer, got 0"):
+        InstructDataModule(examples, [], 0, 0, 0)

@@ -227,6 +227,8 @@ class InstructDataModule(LoaderOptions, pl.LightningDataModule):
         pin_memory: bool | str = "auto",
     ) -> None:
         super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"instruct.batch_size must be a positive integer, got {batch_size!r}")
         if batching not in BATCHING:
             raise DataError(f"instruct.batching={batching!r} is unknown; expected one of {BATCHING}")
         if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:

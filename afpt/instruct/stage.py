@@ -36,6 +36,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = init_from(cfg, "instruct")
     if i.overflow not in OVERFLOW:
         raise AfptError(f"instruct.overflow={i.overflow!r} is unknown; expected one of {OVERFLOW}")
+    for key, least in (("epochs", 1), ("eval_questions", 0)):
+        if isinstance(i[key], bool) or not isinstance(i[key], int) or i[key] < least:
+            raise AfptError(f"instruct.{key} must be an integer >= {least}, got {i[key]!r}")
+    if not (isinstance(i.heldout_fraction, (int, float)) and 0 <= i.heldout_fraction < 1):
+        raise AfptError(f"instruct.heldout_fraction must be a number in [0, 1), got {i.heldout_fraction!r}")
     check_model_dir(source)
     ckpt_path = check_ckpt_path(cfg)
     pl.seed_everything(cfg.seed, workers=True)
