@@ -72,6 +72,7 @@ def test_clp_and_focus_initialise_the_new_rows(tmp_path, init):
         (["adapt.policy=everything"], "adapt.policy='everything' is unknown"),
         (["adapt.init=fasttext"], "adapt.init='fasttext' is unknown"),
         (["adapt.vocab_size=10"], "adapt.vocab_size=10 is smaller"),
+        (["adapt.token_budget=0"], "adapt.token_budget must be a positive number of tokens, got 0"),
     ],
 )
 def test_adapt_bad_input(tmp_path, overrides, message):

@@ -48,6 +48,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise AfptError(f"adapt.init={a.init!r} is unknown; expected one of {INITIALIZERS}")
     if a.policy not in POLICIES:
         raise AfptError(f"adapt.policy={a.policy!r} is unknown; expected one of {POLICIES}")
+    if isinstance(a.token_budget, bool) or not isinstance(a.token_budget, (int, float)) or not a.token_budget >= 1:
+        raise AfptError(f"adapt.token_budget must be a positive number of tokens, got {a.token_budget!r}")
     eval_device = device_for(cfg.evaluate.device)
     eval_batch = batch_size_for(cfg.evaluate.batch_size, eval_device)
     check_model_dir(source)
