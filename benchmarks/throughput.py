@@ -13,7 +13,8 @@ A variant is a model config plus levers joined by ``+``: ``compile``, ``fusedce`
 ``cudagraphs`` / ``autotune`` (optim.compile_mode=reduce-overhead / max-autotune-no-cudagraphs),
 ``cdt`` / ``twopass`` (inductor's coordinate_descent_tuning / online_softmax=false, through
 optim.compile_options),
-``fp8`` / ``fp8rw`` (optim.fp8=true: torchao float8 in the decoder layers, tensorwise / rowwise), ``flex`` (model.attn_implementation=flex_attention; otherwise afpt's default sdpa, which trains compiled
+``fp8`` / ``fp8rw`` (optim.fp8=true: torchao float8 in the decoder layers, tensorwise / rowwise), ``fp8auto``
+(FP8 in the linears torchao's size filter keeps: optim.fp8_linears=auto), ``flex`` (model.attn_implementation=flex_attention; otherwise afpt's default sdpa, which trains compiled
 as ``afpt_sdpa``), ``norope`` (optim.rotary_tables=false), ``auto`` (optim.compile left at afpt's
 default ``auto`` instead of the ``compile`` flag's true / false).
 ``--profile`` adds ``afpt.speed.throughput.KernelBreakdown`` and splits the GPU time of 10 extra steps, run
@@ -87,8 +88,9 @@ def run_variant(
         *(["optim.activation_checkpointing=true"] if "ckpt" in flags else []),
         f"model.attn_implementation={'flex_attention' if 'flex' in flags else 'sdpa'}",
         *(["optim.rotary_tables=false"] if "norope" in flags else []),
-        *(["optim.fp8=true"] if "fp8" in flags or "fp8rw" in flags else []),
+        *(["optim.fp8=true"] if {"fp8", "fp8rw", "fp8auto"} & set(flags) else []),
         *(["optim.fp8_recipe=rowwise"] if "fp8rw" in flags else []),
+        *(["optim.fp8_linears=auto"] if "fp8auto" in flags else []),
         *(["optim.compile_mode=reduce-overhead"] if "cudagraphs" in flags else []),
         *(["optim.compile_mode=max-autotune-no-cudagraphs"] if "autotune" in flags else []),
         *([f"optim.compile_options={{{','.join(options)}}}"] if options else []),

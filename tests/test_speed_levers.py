@@ -240,3 +240,34 @@ def test_fp8_is_refused_without_an_fp8_gpu_and_on_models_it_cannot_convert():
         CausalLMModule(tiny_llama(tied=True), fp8="yes")
     with pytest.raises(AfptError, match="GPT-2 uses Conv1D"):
         fit(CausalLMModule(gpt2, fp8="emulate"), [], max_steps=1)
+
+
+def test_fp8_linears_auto_keeps_what_torchaos_filter_keeps():
+    """``optim.fp8_linears=auto``: at 1.6B's shapes tensorwise leaves out k/v (1024 x 2048), rowwise keeps only the
+    MLP's gate/up; at the tiny model's shapes nothing is left, which is one clear error, not a silent bf16 run."""
+    pytest.importorskip("torchao")
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from afpt.speed.levers import fp8_linears
+
+    config = MistralConfig(
+        vocab_size=64, hidden_size=2048, intermediate_size=6144, num_hidden_layers=2,
+        num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = MistralForCausalLM(config)
+    names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+
+    def kinds(which, recipe):
+        return sorted({names[i] for i in fp8_linears(model, which, recipe)})
+
+    assert kinds("all", "tensorwise") == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert kinds("auto", "tensorwise") == ["down_proj", "gate_proj", "o_proj", "q_proj", "up_proj"]
+    assert kinds("auto", "rowwise") == ["gate_proj", "up_proj"]
+    assert len(fp8_linears(model, "auto", "tensorwise")) == 2 * 5
+    with pytest.raises(AfptError, match="no nn.Linear large enough for torchao's filter"):
+        fit(CausalLMModule(tiny_llama(tied=True), fp8="emulate", fp8_linears="auto"), [], max_steps=1)
+    with pytest.raises(AfptError, match="optim.fp8_linears must be one of .*got 'some'"):
+        CausalLMModule(tiny_llama(tied=True), fp8=True, fp8_linears="some")
+    with pytest.raises(AfptError, match="no torchao filter for fp8_recipe=rowwise_with_gw_hp"):
+        CausalLMModule(tiny_llama(tied=True), fp8=True, fp8_recipe="rowwise_with_gw_hp", fp8_linears="auto")

@@ -37,7 +37,7 @@ class CausalLMModule(pl.LightningModule):
         total_steps: length of the schedule; default: the trainer's estimated stepping batches.
         fused: fused AdamW; ``None`` uses it on CUDA.
         compile, compile_mode, compile_options, loss, sdpa_backend, activation_checkpointing, rotary_tables, fp8,
-        fp8_recipe:
+        fp8_recipe, fp8_linears:
             the speed levers (``afpt.speed.levers``). ``compile``: ``torch.compile`` the loss computation
             (``"auto"``: when the trainer runs on CUDA); ``compile_mode`` or inductor ``compile_options``;
             ``loss``: ``hf`` (the model's own), ``liger_ce`` or ``fused_linear_ce`` (liger-kernel, CUDA only);
@@ -45,7 +45,8 @@ class CausalLMModule(pl.LightningModule):
             ``activation_checkpointing``: recompute each decoder layer in the backward pass;
             ``rotary_tables``: rotary cos/sin from a table computed once (exact);
             ``fp8``: the decoder layers' linears in FP8 (torchao float8; ``"emulate"``: emulated, any device),
-            scaled by torchao's ``fp8_recipe`` (``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``).
+            scaled by torchao's ``fp8_recipe`` (``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``);
+            ``fp8_linears``: ``all`` of them, or ``auto``: those torchao's size filter keeps.
         dynamic_length: batches vary in length (right-padded instruction batches): a compiled model traces the
             sequence length as a symbol from the first batch, one graph for every width instead of a graph for
             the first width and a second, dynamic one when the next differs.
@@ -77,10 +78,11 @@ class CausalLMModule(pl.LightningModule):
         rotary_tables: bool = True,
         fp8: bool | str = False,
         fp8_recipe: str = "tensorwise",
+        fp8_linears: str = "all",
         dynamic_length: bool = False,
     ) -> None:
         super().__init__()
-        check_levers(loss, compile, compile_mode, compile_options, sdpa_backend, fp8, fp8_recipe)
+        check_levers(loss, compile, compile_mode, compile_options, sdpa_backend, fp8, fp8_recipe, fp8_linears)
         if decay not in DECAYS:
             raise ValueError(f"optim.decay must be one of {DECAYS}, got {decay!r}")
         if lr <= 0:

@@ -33,6 +33,9 @@ FP8_MIN_CAPABILITY = (8, 9)
 # rowwise_with_gw_hp (the weight gradient in bf16; most accurate).
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 ROWWISE_MIN_CAPABILITY = (9, 0)
+# Which decoder-layer linears go FP8: every one whose dimensions are multiples of 16, or torchao's
+# auto filter (leaves out the shapes its H100 measurements found slower in FP8; tensorwise and rowwise only).
+FP8_LINEARS = ("all", "auto")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -50,12 +53,17 @@ def check_levers(
     sdpa_backend: str | None,
     fp8: bool | str = False,
     fp8_recipe: str = "tensorwise",
+    fp8_linears: str = "all",
 ) -> None:
     """One clear error for a lever setting that cannot work, before any training starts."""
     if not (isinstance(fp8, bool) or fp8 == "emulate"):
         raise AfptError(f"optim.fp8 must be false, true or 'emulate', got {fp8!r}")
     if fp8_recipe not in FP8_RECIPES:
         raise AfptError(f"optim.fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
+    if fp8_linears not in FP8_LINEARS:
+        raise AfptError(f"optim.fp8_linears must be one of {FP8_LINEARS}, got {fp8_linears!r}")
+    if fp8_linears == "auto" and fp8_recipe == "rowwise_with_gw_hp":
+        raise AfptError("optim.fp8_linears=auto has no torchao filter for fp8_recipe=rowwise_with_gw_hp: use all")
     if fp8_recipe != "tensorwise" and not fp8:
         log.warning("optim.fp8_recipe=%s has no effect: optim.fp8 is false", fp8_recipe)
     if fp8 and importlib.util.find_spec("torchao") is None:
@@ -101,20 +109,30 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def fp8_linears(model: nn.Module) -> set[int]:
-    """The ids of the ``nn.Linear`` modules FP8 training converts: those inside the decoder layers whose
-    dimensions are multiples of 16 (what ``torch._scaled_mm`` takes). The embedding and the head stay bf16."""
+def _scaled_mm_shape(linear: nn.Linear, _fqn: str) -> bool:
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
+def fp8_linears(model: nn.Module, which: str = "all", recipe: str = "tensorwise") -> set[int]:
+    """The ids of the ``nn.Linear`` modules FP8 training converts, all inside the decoder layers (the embedding
+    and the head stay bf16): ``which="all"``: those whose dimensions are multiples of 16 (what
+    ``torch._scaled_mm`` takes); ``"auto"``: those torchao's filter for ``recipe`` keeps (it also leaves out
+    shapes too small for FP8 to pay)."""
+    keep = _scaled_mm_shape
+    if which == "auto":
+        from torchao.float8 import _auto_filter_for_recipe
+
+        keep = _auto_filter_for_recipe(recipe, filter_fqns=[])
     return {
-        id(m)
-        for layer in decoder_layers(model)
-        for m in layer.modules()
-        if isinstance(m, nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0
+        id(m) for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear) and keep(m, "")
     }
 
 
-def convert_to_fp8(model: nn.Module, mode: bool | str, device: torch.device, recipe: str = "tensorwise") -> int:
+def convert_to_fp8(
+    model: nn.Module, mode: bool | str, device: torch.device, recipe: str = "tensorwise", which: str = "all"
+) -> int:
     """Swap the decoder layers' linears for torchao's ``Float8Linear`` (dynamic casts, scaled by torchao's
-    ``recipe``: one scale per tensor, or per row); ``mode='emulate'`` runs the casts in emulation (any device,
+    ``recipe``: one scale per tensor, or per row), those ``which`` picks (``fp8_linears``); ``mode='emulate'`` runs the casts in emulation (any device,
     slow: for tests). Returns how many were swapped.
 
     Refuses, with one clear error, a device without FP8 tensor cores and a model with nothing to convert.
@@ -135,11 +153,12 @@ def convert_to_fp8(model: nn.Module, mode: bool | str, device: torch.device, rec
             )
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    chosen = fp8_linears(model)
+    chosen = fp8_linears(model, which, recipe)
     if not chosen:
+        kept = "large enough for torchao's filter" if which == "auto" else "with dimensions divisible by 16"
         raise AfptError(
-            f"optim.fp8: {type(model).__name__} has no nn.Linear with dimensions divisible by 16 in its decoder "
-            "layers (GPT-2 uses Conv1D): nothing to train in FP8"
+            f"optim.fp8: {type(model).__name__} has no nn.Linear {kept} in its decoder layers "
+            "(GPT-2 uses Conv1D): nothing to train in FP8"
         )
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=mode == "emulate")
     convert_to_float8_training(model, module_filter_fn=lambda m, _: id(m) in chosen, config=config)
@@ -151,8 +170,8 @@ def apply_levers(module: Any, compiles: bool) -> None:
     compile."""
     hp, model = module.hparams, module.model
     if hp.get("fp8") and not getattr(module, "_fp8", False):
-        recipe = hp.get("fp8_recipe", "tensorwise")
-        module._fp8 = convert_to_fp8(model, hp.fp8, module.trainer.strategy.root_device, recipe)
+        recipe, which = hp.get("fp8_recipe", "tensorwise"), hp.get("fp8_linears", "all")
+        module._fp8 = convert_to_fp8(model, hp.fp8, module.trainer.strategy.root_device, recipe, which)
     if hp.rotary_tables:
         use_rotary_tables(model)
     attention = getattr(model.config, "_attn_implementation", None)
