@@ -271,3 +271,40 @@ def test_fp8_linears_auto_keeps_what_torchaos_filter_keeps():
         CausalLMModule(tiny_llama(tied=True), fp8=True, fp8_linears="some")
     with pytest.raises(AfptError, match="no torchao filter for fp8_recipe=rowwise_with_gw_hp"):
         CausalLMModule(tiny_llama(tied=True), fp8=True, fp8_recipe="rowwise_with_gw_hp", fp8_linears="auto")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.decay=bogus", r"optim.decay must be one of \('cosine', 'linear', 'constant'\), got 'bogus'"),
+        ("optim.lr=-1", "optim.lr must be a number > 0, got -1"),
+        ("optim.lr=abc", "optim.lr must be a number > 0, got 'abc'"),
+        ("optim.warmup_fraction=2", "optim.warmup_fraction must be a number >= 0 and <= 1, got 2"),
+        ("optim.betas=[0.9]", r"optim.betas must be two numbers in \[0, 1\), got \[0.9\]"),
+        ("optim.betas=[0.9,1.0]", "optim.betas must be a number >= 0 and < 1, got 1.0"),
+        ("optim.total_steps=2.5", "optim.total_steps must be an integer >= 1, got 2.5"),
+        ("optim.grad_clip=0", "optim.grad_clip must be a number > 0, got 0"),
+        ("+optim.lrr=1", r"optim.lrr is not an optim setting; expected one of \['activation_checkpointing'"),
+        ("optim.fp8_linears=some", r"optim.fp8_linears must be one of \('all', 'auto'\), got 'some'"),
+    ],
+)
+def test_bad_optim_settings_stop_pretraining_before_the_data_is_touched(tmp_path, override, message):
+    """One error naming the key and the value, raised before the tokenizer and the token store are built (a
+    typo must not wait for a corpus to be tokenised), and the same error from the module itself for a value."""
+    import afpt.pretrain.stage as pretrain
+
+    cfg = compose_config(tmp_path / "run", [override])
+    with pytest.raises(AfptError, match=message):
+        pretrain.run(cfg)
+    assert not (tmp_path / "run").exists()
+    if override.startswith("+"):
+        return  # a keyword argument the module does not take is Python's TypeError
+    with pytest.raises(AfptError, match=message):
+        CausalLMModule(tiny_llama(tied=True), **{k: v for k, v in compose_config(tmp_path, [override]).optim.items()})
+
+
+def test_a_stage_names_its_own_optim_node():
+    """``adapt.optim`` over ``optim``: a bad value there is named as ``adapt.optim.<key>``."""
+    with pytest.raises(AfptError, match="adapt.optim.lr must be a number > 0, got 0"):
+        CausalLMModule.check_options({"lr": 0}, prefix="adapt.optim")
+    CausalLMModule.check_options({"lr": 1e-3, "betas": (0.9, 0.95), "embedding_lr": None, "total_steps": 10})

@@ -50,6 +50,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise AfptError(f"adapt.policy={a.policy!r} is unknown; expected one of {POLICIES}")
     if isinstance(a.token_budget, bool) or not isinstance(a.token_budget, (int, float)) or not a.token_budget >= 1:
         raise AfptError(f"adapt.token_budget must be a positive number of tokens, got {a.token_budget!r}")
+    CausalLMModule.check_options(to_dict(cfg.optim))
+    CausalLMModule.check_options(merged(cfg.optim, a.optim), prefix="adapt.optim")
     eval_device = device_for(cfg.evaluate.device)
     eval_batch = batch_size_for(cfg.evaluate.batch_size, eval_device)
     check_model_dir(source)

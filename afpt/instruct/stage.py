@@ -41,6 +41,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise AfptError(f"instruct.{key} must be an integer >= {least}, got {i[key]!r}")
     if not (isinstance(i.heldout_fraction, (int, float)) and 0 <= i.heldout_fraction < 1):
         raise AfptError(f"instruct.heldout_fraction must be a number in [0, 1), got {i.heldout_fraction!r}")
+    CausalLMModule.check_options(to_dict(cfg.optim))
+    CausalLMModule.check_options(merged(cfg.optim, i.optim), prefix="instruct.optim")
     check_model_dir(source)
     ckpt_path = check_ckpt_path(cfg)
     pl.seed_everything(cfg.seed, workers=True)

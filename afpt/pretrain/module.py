@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +19,33 @@ from afpt.pretrain.schedule import DECAYS, lr_factor
 from afpt.speed.attention import one_sequence_per_row
 from afpt.speed.distributed import full_value, layout
 from afpt.speed.levers import apply_levers, check_levers, liger_loss, pin_sdpa_kernel
+
+SKIP = ("self", "model")  # CausalLMModule's arguments that are not optim settings
+
+
+def check_number(
+    key: str,
+    value: Any,
+    least: float | None = None,
+    above: float | None = None,
+    most: float | None = None,
+    below: float | None = None,
+    integer: bool = False,
+) -> None:
+    """``key`` (a config key) is a number (an integer if asked) within the bounds given, or one ``AfptError``."""
+    kinds = (int,) if integer else (int, float)
+    bounds = [
+        f">= {least}" if least is not None else "",
+        f"> {above}" if above is not None else "",
+        f"<= {most}" if most is not None else "",
+        f"< {below}" if below is not None else "",
+    ]
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    ok = ok and (least is None or value >= least) and (above is None or value > above)
+    ok = ok and (most is None or value <= most) and (below is None or value < below)
+    if not ok:
+        wanted = "an integer" if integer else "a number"
+        raise AfptError(f"{key} must be {wanted} {' and '.join(b for b in bounds if b)}, got {value!r}")
 
 
 class CausalLMModule(pl.LightningModule):
@@ -82,12 +110,8 @@ class CausalLMModule(pl.LightningModule):
         dynamic_length: bool = False,
     ) -> None:
         super().__init__()
-        check_levers(loss, compile, compile_mode, compile_options, sdpa_backend, fp8, fp8_recipe, fp8_linears)
-        if decay not in DECAYS:
-            raise ValueError(f"optim.decay must be one of {DECAYS}, got {decay!r}")
-        if lr <= 0:
-            raise ValueError(f"optim.lr must be positive, got {lr!r}")
         self.save_hyperparameters(ignore=["model"])
+        self.check_options(self.hparams)
         self.model_spec = None
         if isinstance(model, str):
             model = load_model(model)
@@ -103,6 +127,40 @@ class CausalLMModule(pl.LightningModule):
         self.val_loss_per_language = nn.ModuleDict()
         self.val_names: list[str] = []
         self._sdpa_pin: contextlib.ExitStack | None = None
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], prefix: str = "optim") -> None:
+        """One clear error for ``optim`` settings (this class's keyword arguments) that cannot work: an unknown
+        key, a value of the wrong type or out of range, a speed lever this machine cannot run. The stages call it
+        before any data or model work; ``prefix`` is the config node the error names (``adapt.optim``)."""
+        defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n not in SKIP}
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise AfptError(f"{prefix}.{unknown[0]} is not an optim setting; expected one of {sorted(defaults)}")
+        o = {**defaults, **options}
+        check_levers(
+            o["loss"], o["compile"], o["compile_mode"], o["compile_options"], o["sdpa_backend"], o["fp8"],
+            o["fp8_recipe"], o["fp8_linears"],
+        )  # fmt: skip
+        if o["decay"] not in DECAYS:
+            raise AfptError(f"{prefix}.decay must be one of {DECAYS}, got {o['decay']!r}")
+        check_number(f"{prefix}.lr", o["lr"], above=0)
+        check_number(f"{prefix}.eps", o["eps"], above=0)
+        check_number(f"{prefix}.weight_decay", o["weight_decay"], least=0)
+        check_number(f"{prefix}.embedding_weight_decay", o["embedding_weight_decay"], least=0)
+        check_number(f"{prefix}.warmup_fraction", o["warmup_fraction"], least=0, most=1)
+        check_number(f"{prefix}.min_lr_ratio", o["min_lr_ratio"], least=0, most=1)
+        if o["embedding_lr"] is not None:
+            check_number(f"{prefix}.embedding_lr", o["embedding_lr"], above=0)
+        if o["grad_clip"] is not None:
+            check_number(f"{prefix}.grad_clip", o["grad_clip"], above=0)
+        if o["total_steps"] is not None:
+            check_number(f"{prefix}.total_steps", o["total_steps"], least=1, integer=True)
+        betas = o["betas"]
+        if isinstance(betas, str) or not (isinstance(betas, Sequence) and len(betas) == 2):
+            raise AfptError(f"{prefix}.betas must be two numbers in [0, 1), got {betas!r}")
+        for beta in betas:
+            check_number(f"{prefix}.betas", beta, least=0, below=1)
 
     def compiles(self) -> bool:
         """Whether the model is compiled: ``compile`` as given, or for ``"auto"`` when running on CUDA."""

@@ -35,6 +35,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         positions = config.get("max_position_embeddings") or config.get("n_positions")
     check_batches(cfg.data, positions)
     # Every setting is checked before the tokenizer and the store: a bad one fails with nothing written.
+    CausalLMModule.check_options(to_dict(cfg.optim))
     forgetting = build_forgetting(cfg.get("forgetting"))
     trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
     datamodule = CorpusDataModule(
