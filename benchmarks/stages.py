@@ -181,6 +181,7 @@ def row(model: str, stage: str, metrics: dict, wall: float) -> dict:
         "recompiles_after_warmup": throughput.get("recompiles_after_warmup"),
         "steady_windows": throughput.get("steady_windows"),
         "graph_breaks": throughput.get("graph_breaks"),
+        "device_mallocs_per_window": throughput.get("device_mallocs"),
         "frozen_unchanged": metrics.get("frozen_unchanged"),
         "x_pretrain": 1.0 if stage == "pretrain" else None,
         "fit_s": metrics["train_time_s"],

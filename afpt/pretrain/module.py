@@ -111,7 +111,7 @@ class CausalLMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
-        self.check_options(self.hparams)
+        self.check_options({k: v for k, v in self.hparams.items() if k in self.option_defaults()})
         self.model_spec = None
         if isinstance(model, str):
             model = load_model(model)
@@ -129,11 +129,16 @@ class CausalLMModule(pl.LightningModule):
         self._sdpa_pin: contextlib.ExitStack | None = None
 
     @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """The ``optim`` settings this class takes (its keyword arguments but ``model``) and their defaults."""
+        return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n not in SKIP}
+
+    @classmethod
     def check_options(cls, options: Mapping[str, Any], prefix: str = "optim") -> None:
         """One clear error for ``optim`` settings (this class's keyword arguments) that cannot work: an unknown
         key, a value of the wrong type or out of range, a speed lever this machine cannot run. The stages call it
         before any data or model work; ``prefix`` is the config node the error names (``adapt.optim``)."""
-        defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n not in SKIP}
+        defaults = cls.option_defaults()
         unknown = sorted(set(options) - set(defaults))
         if unknown:
             raise AfptError(f"{prefix}.{unknown[0]} is not an optim setting; expected one of {sorted(defaults)}")

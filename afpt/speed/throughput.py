@@ -49,9 +49,15 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6 * params + 12 * layers * hidden * seq_len
 
 
+# torch.cuda.memory_stats keys counted per window, and the names they are logged under.
+ALLOCATOR_COUNTS = {"num_device_alloc": "device_mallocs", "num_alloc_retries": "alloc_retries"}
+
+
 class TokenThroughput(Callback):
     """Log ``perf/tokens_per_s``, ``perf/step_ms`` and ``perf/mfu`` every ``window`` optimizer steps; for padded
-    batches (a ``real_tokens`` count in the batch) also ``perf/real_tokens_per_s`` and ``perf/padding_fraction``.
+    batches (a ``real_tokens`` count in the batch) also ``perf/real_tokens_per_s`` and ``perf/padding_fraction``;
+    on CUDA ``perf/device_mallocs`` and ``perf/alloc_retries``, the caching allocator's device allocations and
+    retries in the window (both 0 once a run with fixed shapes is warm).
 
     Times whole windows, so the only host syncs are one per window and two per validation run; the clock
     stops while validation runs. The first window (warm-up) and any window in which torch.compile built a
@@ -70,6 +76,7 @@ class TokenThroughput(Callback):
         self._graphs_at_start = 0.0
         self._val_graphs = 0.0
         self._val_started: tuple[float, float] | None = None
+        self._allocator_at_start: dict[str, int] = {}
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Start the clock at the first batch, and count this micro-batch's tokens."""
@@ -100,6 +107,12 @@ class TokenThroughput(Callback):
             "compiled_graphs": built,
             "new_graphs": built - self._graphs_at_start - self._val_graphs,
         }
+        if pl_module.device.type == "cuda":
+            # cudaMalloc calls and out-of-memory retries of the caching allocator in this window: batches whose
+            # shapes keep changing can make it allocate (each call synchronising) long after warm-up.
+            stats = torch.cuda.memory_stats(pl_module.device)
+            for key, name in ALLOCATOR_COUNTS.items():
+                record[name] = stats.get(key, 0) - self._allocator_at_start.get(key, 0)
         if self._real_tokens:
             record["real_tokens_per_s"] = self._real_tokens / elapsed
             record["padding_fraction"] = 1 - self._real_tokens / self._tokens
@@ -132,6 +145,8 @@ class TokenThroughput(Callback):
             self._val_started = None
 
     def _open_window(self, trainer: Trainer) -> None:
+        device = trainer.strategy.root_device
+        self._allocator_at_start = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
         self._start, self._start_step, self._tokens = time.perf_counter(), trainer.global_step, 0
         self._real_tokens = 0
         self._graphs_at_start, self._val_graphs = graphs(), 0.0

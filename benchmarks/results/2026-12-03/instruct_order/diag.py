@@ -1,0 +1,72 @@
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+import torch
+from omegaconf import open_dict
+from stages import config, conversations
+
+import afpt.instruct.stage as instruct
+import afpt.pretrain.stage as pretrain
+
+OUT = os.environ["OUT"]
+CPU = os.environ.get("DIAG_CPU")
+common = [
+    "model=tiny" if CPU else "model=llama_124m",
+    "trainer=cpu" if CPU else "trainer=gpu",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "callbacks.model_checkpoint=null",
+    "callbacks.throughput.window=20",
+    "data.block_size=128" if CPU else "data.block_size=1024",
+    "data.batch_size=4" if CPU else "data.batch_size=64",
+    "data.world.train_docs_per_language=1000",
+    "data.world.val_docs_per_language=50",
+    "trainer.limit_val_batches=1",
+]
+root = tempfile.mkdtemp()
+T0 = time.time()
+cfg = config([*common, "trainer.max_steps=2", "optim.compile=false", "trainer.val_check_interval=2"], f"{root}/pre")
+pretrain.run(cfg)
+print("pretrain done", time.time() - T0, flush=True)
+variants = [a.split() for a in sys.argv[1:]]
+for words in variants:
+    if time.time() - T0 > float(os.environ.get("BUDGET", "400")):
+        print("skip", words)
+        continue
+    turns = next((int(w[6:]) for w in words if w.startswith("turns=")), 40)
+    chats = Path(root) / f"chats-{turns}.jsonl"
+    chats.write_text("".join(json.dumps(c) + "\n" for c in conversations(cfg, 100 * (4 if CPU else 64), turns, 0)))
+    tag = "_".join(words) or "default"
+    cfg2 = config(
+        [
+            *common,
+            f"init_from={root}/pre/model",
+            "instruct.source=dataset",
+            "instruct.format=messages",
+            f"instruct.files={chats}",
+            "instruct.max_length=128" if CPU else "instruct.max_length=1024",
+            "instruct.overflow=truncate",
+            "instruct.batch_size=4" if CPU else "instruct.batch_size=64",
+            "instruct.epochs=1",
+            "instruct.heldout_fraction=0.01",
+            "instruct.eval_questions=0",
+            *(w for w in words if not w.startswith("turns=")),
+        ],
+        f"{root}/{tag}",
+    )
+    if not os.environ.get("NOPROF"):
+        with open_dict(cfg2):
+            cfg2.callbacks.hostprof = {"_target_": "hostprof.HostProfile", "tag": tag, "start": 60, "n": 20}
+    torch._dynamo.reset()
+    t = time.time()
+    m = instruct.run(cfg2)
+    th = m["throughput"]
+    print(
+        f"ROW {tag}: steps {m['global_step']} tok/s {th.get('tokens_per_s')} real {th.get('real_tokens_per_s')} step_ms {th.get('step_ms')} recompiles {th.get('recompiles_after_warmup')} wall {time.time() - t:.0f}",
+        flush=True,
+    )
