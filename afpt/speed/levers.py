@@ -131,9 +131,9 @@ def fp8_linears(model: nn.Module, which: str = "all", recipe: str = "tensorwise"
 def convert_to_fp8(
     model: nn.Module, mode: bool | str, device: torch.device, recipe: str = "tensorwise", which: str = "all"
 ) -> int:
-    """Swap the decoder layers' linears for torchao's ``Float8Linear`` (dynamic casts, scaled by torchao's
-    ``recipe``: one scale per tensor, or per row), those ``which`` picks (``fp8_linears``); ``mode='emulate'`` runs the casts in emulation (any device,
-    slow: for tests). Returns how many were swapped.
+    """Swap the decoder layers' linears that ``which`` picks (``fp8_linears``) for torchao's ``Float8Linear``
+    (dynamic casts, scaled by torchao's ``recipe``: one scale per tensor, or per row); ``mode='emulate'`` runs
+    the casts in emulation (any device, slow: for tests). Returns how many were swapped.
 
     Refuses, with one clear error, a device without FP8 tensor cores and a model with nothing to convert.
     """
