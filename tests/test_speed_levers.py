@@ -242,7 +242,7 @@ def test_fp8_is_refused_without_an_fp8_gpu_and_on_models_it_cannot_convert():
         fit(CausalLMModule(gpt2, fp8="emulate"), [], max_steps=1)
 
 
-def test_fp8_linears_auto_keeps_what_torchaos_filter_keeps():
+def test_fp8_linears_auto_keeps_what_torchaos_filter_keeps(caplog):
     """``optim.fp8_linears=auto``: at 1.6B's shapes tensorwise leaves out k/v (1024 x 2048), rowwise keeps only the
     MLP's gate/up; at the tiny model's shapes nothing is left, which is one clear error, not a silent bf16 run."""
     pytest.importorskip("torchao")
@@ -271,6 +271,9 @@ def test_fp8_linears_auto_keeps_what_torchaos_filter_keeps():
         CausalLMModule(tiny_llama(tied=True), fp8=True, fp8_linears="some")
     with pytest.raises(AfptError, match="no torchao filter for fp8_recipe=rowwise_with_gw_hp"):
         CausalLMModule(tiny_llama(tied=True), fp8=True, fp8_recipe="rowwise_with_gw_hp", fp8_linears="auto")
+    with caplog.at_level("WARNING", logger="afpt"):
+        CausalLMModule(tiny_llama(tied=True), fp8_linears="auto")
+    assert "optim.fp8_linears=auto has no effect: optim.fp8 is false" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -64,8 +64,9 @@ def check_levers(
         raise AfptError(f"optim.fp8_linears must be one of {FP8_LINEARS}, got {fp8_linears!r}")
     if fp8_linears == "auto" and fp8_recipe == "rowwise_with_gw_hp":
         raise AfptError("optim.fp8_linears=auto has no torchao filter for fp8_recipe=rowwise_with_gw_hp: use all")
-    if fp8_recipe != "tensorwise" and not fp8:
-        log.warning("optim.fp8_recipe=%s has no effect: optim.fp8 is false", fp8_recipe)
+    for key, value, default in (("fp8_recipe", fp8_recipe, "tensorwise"), ("fp8_linears", fp8_linears, "all")):
+        if value != default and not fp8:
+            log.warning("optim.%s=%s has no effect: optim.fp8 is false", key, value)
     if fp8 and importlib.util.find_spec("torchao") is None:
         raise AfptError("optim.fp8 needs torchao: pip install -e '.[fp8]' (torchao 0.18)")
     if loss not in LOSSES:
