@@ -25,3 +25,28 @@ def build_target(node: Any, key: str) -> Any:
         if isinstance(err.__cause__, AfptError):
             raise err.__cause__ from None
         raise AfptError(f"{key}: cannot build {node.get('_target_')!r}: {err.__cause__ or err}") from err
+
+
+def check_number(
+    key: str,
+    value: Any,
+    least: float | None = None,
+    above: float | None = None,
+    most: float | None = None,
+    below: float | None = None,
+    integer: bool = False,
+) -> None:
+    """``key`` (a config key) is a number (an integer if asked) within the bounds given, or one ``AfptError``."""
+    kinds = (int,) if integer else (int, float)
+    bounds = [
+        f">= {least}" if least is not None else "",
+        f"> {above}" if above is not None else "",
+        f"<= {most}" if most is not None else "",
+        f"< {below}" if below is not None else "",
+    ]
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    ok = ok and (least is None or value >= least) and (above is None or value > above)
+    ok = ok and (most is None or value <= most) and (below is None or value < below)
+    if not ok:
+        wanted = "an integer" if integer else "a number"
+        raise AfptError(f"{key} must be {wanted} {' and '.join(b for b in bounds if b)}, got {value!r}")

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 from afpt.data import DataError, load_tokenizer
-from afpt.errors import AfptError
+from afpt.errors import AfptError, check_number
 from afpt.instruct.chat import (
     OVERFLOW,
     InstructDataModule,
@@ -36,9 +36,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = init_from(cfg, "instruct")
     if i.overflow not in OVERFLOW:
         raise AfptError(f"instruct.overflow={i.overflow!r} is unknown; expected one of {OVERFLOW}")
-    for key, least in (("epochs", 1), ("eval_questions", 0)):
-        if isinstance(i[key], bool) or not isinstance(i[key], int) or i[key] < least:
-            raise AfptError(f"instruct.{key} must be an integer >= {least}, got {i[key]!r}")
+    check_number("instruct.epochs", i.epochs, least=1, integer=True)
+    check_number("instruct.eval_questions", i.eval_questions, least=0, integer=True)
     if not (isinstance(i.heldout_fraction, (int, float)) and 0 <= i.heldout_fraction < 1):
         raise AfptError(f"instruct.heldout_fraction must be a number in [0, 1), got {i.heldout_fraction!r}")
     CausalLMModule.check_options(to_dict(cfg.optim))

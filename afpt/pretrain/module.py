@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from afpt.errors import AfptError
+from afpt.errors import AfptError, check_number
 from afpt.models import ModelConfig, build_model, load_model, untied_head
 from afpt.pretrain.schedule import DECAYS, lr_factor
 from afpt.speed.attention import one_sequence_per_row
@@ -21,31 +21,6 @@ from afpt.speed.distributed import full_value, layout
 from afpt.speed.levers import apply_levers, check_levers, liger_loss, pin_sdpa_kernel
 
 SKIP = ("self", "model")  # CausalLMModule's arguments that are not optim settings
-
-
-def check_number(
-    key: str,
-    value: Any,
-    least: float | None = None,
-    above: float | None = None,
-    most: float | None = None,
-    below: float | None = None,
-    integer: bool = False,
-) -> None:
-    """``key`` (a config key) is a number (an integer if asked) within the bounds given, or one ``AfptError``."""
-    kinds = (int,) if integer else (int, float)
-    bounds = [
-        f">= {least}" if least is not None else "",
-        f"> {above}" if above is not None else "",
-        f"<= {most}" if most is not None else "",
-        f"< {below}" if below is not None else "",
-    ]
-    ok = isinstance(value, kinds) and not isinstance(value, bool)
-    ok = ok and (least is None or value >= least) and (above is None or value > above)
-    ok = ok and (most is None or value <= most) and (below is None or value < below)
-    if not ok:
-        wanted = "an integer" if integer else "a number"
-        raise AfptError(f"{key} must be {wanted} {' and '.join(b for b in bounds if b)}, got {value!r}")
 
 
 class CausalLMModule(pl.LightningModule):
