@@ -40,7 +40,12 @@ for words in variants:
         continue
     turns = next((int(w[6:]) for w in words if w.startswith("turns=")), 40)
     chats = Path(root) / f"chats-{turns}.jsonl"
-    chats.write_text("".join(json.dumps(c) + "\n" for c in conversations(cfg, 100 * (4 if CPU else 64), turns, 0)))
+    chats.write_text(
+        "".join(
+            json.dumps(c) + "\n"
+            for c in conversations(cfg, int(os.environ.get("NCONV", 100)) * (4 if CPU else 64), turns, 0)
+        )
+    )
     tag = "_".join(words) or "default"
     cfg2 = config(
         [
@@ -59,6 +64,11 @@ for words in variants:
         ],
         f"{root}/{tag}",
     )
+    with open_dict(cfg2):
+        cfg2.callbacks.steptimes = {
+            "_target_": "steptimes.StepTimes",
+            "tag": "".join(c if c.isalnum() else "_" for c in tag),
+        }
     if not os.environ.get("NOPROF"):
         with open_dict(cfg2):
             cfg2.callbacks.hostprof = {"_target_": "hostprof.HostProfile", "tag": tag, "start": 60, "n": 20}
@@ -67,6 +77,6 @@ for words in variants:
     m = instruct.run(cfg2)
     th = m["throughput"]
     print(
-        f"ROW {tag}: steps {m['global_step']} tok/s {th.get('tokens_per_s')} real {th.get('real_tokens_per_s')} step_ms {th.get('step_ms')} recompiles {th.get('recompiles_after_warmup')} wall {time.time() - t:.0f}",
+        f"ROW {tag}: steps {m['global_step']} tok/s {th.get('tokens_per_s')} real {th.get('real_tokens_per_s')} step_ms {th.get('step_ms')} recompiles {th.get('recompiles_after_warmup')} mallocs {th.get('device_mallocs')} retries {th.get('alloc_retries')} windows {th.get('steady_windows')} wall {time.time() - t:.0f}",
         flush=True,
     )
