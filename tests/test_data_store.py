@@ -205,6 +205,7 @@ def test_store_size_per_token_with_a_small_vocabulary(tmp_path):
     assert all(p["bytes_per_token"] <= 2.1 for p in train), train
 
 
+@pytest.mark.slow
 def test_every_rank_of_a_ddp_run_reuses_one_preparation(tmp_path):
     store = tmp_path / "store"
     result = run_afpt(

@@ -113,6 +113,7 @@ def test_two_models_side_by_side_with_an_offline_standard_task(base_model, tmp_p
     assert out["other/perplexity/en/ppl_token"] == pytest.approx(len(load_tokenizer(other)), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_compares_models(base_model, tmp_path):
 
     run = tmp_path / "cli"

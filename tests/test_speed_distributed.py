@@ -31,7 +31,7 @@ def run_worker(out: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])
 def test_every_rank_holds_the_seeded_embedding_and_zero_state_after_each_reset(tmp_path, strategy):
     result = run_worker(tmp_path, strategy)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -25,6 +25,7 @@ def test_multirun_jobs_do_not_collide_and_are_summarised(tmp_path):
     assert write_summary(sweep) == sweep / "summary.md"
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_each_job_in_its_own_process_and_summarises(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
