@@ -15,6 +15,8 @@ import afpt.pretrain.stage as pretrain
 
 OUT = os.environ["OUT"]
 CPU = os.environ.get("DIAG_CPU")
+LEN = int(os.environ.get("LEN", 128 if CPU else 1024))  # longest instruct row
+IB = int(os.environ.get("IB", 4 if CPU else 64))  # chats per instruct step
 common = [
     "model=tiny" if CPU else "model=llama_124m",
     "trainer=cpu" if CPU else "trainer=gpu",
@@ -41,10 +43,7 @@ for words in variants:
     turns = next((int(w[6:]) for w in words if w.startswith("turns=")), 40)
     chats = Path(root) / f"chats-{turns}.jsonl"
     chats.write_text(
-        "".join(
-            json.dumps(c) + "\n"
-            for c in conversations(cfg, int(os.environ.get("NCONV", 100)) * (4 if CPU else 64), turns, 0)
-        )
+        "".join(json.dumps(c) + "\n" for c in conversations(cfg, int(os.environ.get("NCONV", 100)) * IB, turns, 0))
     )
     tag = "_".join(words) or "default"
     cfg2 = config(
@@ -54,9 +53,9 @@ for words in variants:
             "instruct.source=dataset",
             "instruct.format=messages",
             f"instruct.files={chats}",
-            "instruct.max_length=128" if CPU else "instruct.max_length=1024",
+            f"instruct.max_length={LEN}",
             "instruct.overflow=truncate",
-            "instruct.batch_size=4" if CPU else "instruct.batch_size=64",
+            f"instruct.batch_size={IB}",
             "instruct.epochs=1",
             "instruct.heldout_fraction=0.01",
             "instruct.eval_questions=0",
