@@ -196,6 +196,15 @@ def test_empty_task_file_and_empty_heldout_file_are_refused(base_model, tmp_path
         )
 
 
+def test_afpt_tasks_alone_leave_lm_evals_standard_tasks_unindexed(tmp_path):
+    from afpt.evaluate.harness import task_manager
+
+    local = task_manager([], ["afpt_flores"])
+    assert "afpt_flores" in local.all_tasks and "hellaswag" not in local.all_tasks
+    # Any other name gets lm-eval's whole index: test_bad_input_names_the_problem_and_writes_nothing's close
+    # matches for 'xcopa_ett' are lm-eval's own xcopa tasks.
+
+
 @pytest.mark.slow
 def test_paper_config_names_only_tasks_lm_eval_knows(tmp_path):
     from afpt.evaluate.harness import check_tasks, parse_tasks, task_manager

@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,11 +179,17 @@ def check_include_path(path: str | os.PathLike) -> Path:
     return root
 
 
-def task_manager(include_paths: Sequence[Path]):
-    """An lm-eval TaskManager over the standard tasks, afpt's packaged tasks, and ``include_paths``."""
+def task_manager(include_paths: Sequence[Path], names: Iterable[str] | None = None):
+    """An lm-eval TaskManager over afpt's packaged tasks and ``include_paths``, and lm-eval's standard tasks unless
+    every one of ``names`` is among the former (indexing the standard tasks reads thousands of YAML files)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(PACKAGED_TASKS), *(str(p) for p in include_paths)])
+    paths = [str(PACKAGED_TASKS), *(str(p) for p in include_paths)]
+    if names is not None:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if set(names) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=paths)
 
 
 def _local(manager, name: str, include_paths: Sequence[Path]) -> bool:

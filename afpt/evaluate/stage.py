@@ -89,7 +89,7 @@ def prepare_tasks(cfg: DictConfig, run_dir: Path):
             seed=cfg.seed,
         )
         include.append(out)
-    manager = task_manager(include)
+    manager = task_manager(include, [spec.name for spec in specs])
     try:
         check_tasks(specs, manager, include)
     except AfptError:
