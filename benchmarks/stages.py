@@ -11,10 +11,10 @@ conversations per step (default ``--batch``), length-grouped and right-padded, c
 ``x_pretrain`` is real (non-pad) tokens/s over pretraining tokens/s. Each ``--instruct-variants`` entry runs
 instruct once more on the same adapted model: space-separated Hydra overrides for that run, where ``turns=N``
 sets its most turns (``turns=400`` makes every conversation longer than the sequence, so every row is truncated
-to full width, as pretraining's). A variant is a later instruct run of the same process: on a GPU each batch width costs ~0.1 s the
-first time the process sees it, so a variant on the same chats measured up to 1.45x faster than the first run
-(benchmarks/README.md); compare variants with each other, and run ~400 steps for a steady rate. Prints a table and writes the rows as JSON to ``--out`` (default: $OUT or
-benchmarks/).
+to full width, as pretraining's). A variant is a later instruct run of the same process: on a GPU each batch
+width costs ~0.1 s the first time the process sees it, so a variant on the same chats measured up to 1.45x
+faster than the first run (benchmarks/README.md); compare variants with each other, and run ~400 steps for a
+steady rate. Prints a table and writes the rows as JSON to ``--out`` (default: $OUT or benchmarks/).
 
     python benchmarks/stages.py --models llama_124m mistral_400m --steps 200 --batch 64
     python benchmarks/stages.py --steps 120 --instruct-variants "turns=400" "instruct.pin_memory=true"

@@ -196,7 +196,7 @@ def test_empty_task_file_and_empty_heldout_file_are_refused(base_model, tmp_path
         )
 
 
-def test_afpt_tasks_alone_leave_lm_evals_standard_tasks_unindexed(tmp_path):
+def test_afpt_tasks_alone_leave_lm_evals_standard_tasks_unindexed():
     from afpt.evaluate.harness import task_manager
 
     local = task_manager([], ["afpt_flores"])
