@@ -310,4 +310,6 @@ def test_a_stage_names_its_own_optim_node():
     """``adapt.optim`` over ``optim``: a bad value there is named as ``adapt.optim.<key>``."""
     with pytest.raises(AfptError, match="adapt.optim.lr must be a number > 0, got 0"):
         CausalLMModule.check_options({"lr": 0}, prefix="adapt.optim")
+    with pytest.raises(AfptError, match=r"instruct.optim.sdpa_backend must be null or one of .*got 'flsh'"):
+        CausalLMModule.check_options({"sdpa_backend": "flsh"}, prefix="instruct.optim")
     CausalLMModule.check_options({"lr": 1e-3, "betas": (0.9, 0.95), "embedding_lr": None, "total_steps": 10})

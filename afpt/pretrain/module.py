@@ -120,7 +120,7 @@ class CausalLMModule(pl.LightningModule):
         o = {**defaults, **options}
         check_levers(
             o["loss"], o["compile"], o["compile_mode"], o["compile_options"], o["sdpa_backend"], o["fp8"],
-            o["fp8_recipe"], o["fp8_linears"],
+            o["fp8_recipe"], o["fp8_linears"], prefix,
         )  # fmt: skip
         if o["decay"] not in DECAYS:
             raise AfptError(f"{prefix}.decay must be one of {DECAYS}, got {o['decay']!r}")

@@ -54,42 +54,44 @@ def check_levers(
     fp8: bool | str = False,
     fp8_recipe: str = "tensorwise",
     fp8_linears: str = "all",
+    prefix: str = "optim",
 ) -> None:
-    """One clear error for a lever setting that cannot work, before any training starts."""
+    """One clear error for a lever setting that cannot work, before any training starts; ``prefix`` is the config
+    node the error names (``adapt.optim``)."""
     if not (isinstance(fp8, bool) or fp8 == "emulate"):
-        raise AfptError(f"optim.fp8 must be false, true or 'emulate', got {fp8!r}")
+        raise AfptError(f"{prefix}.fp8 must be false, true or 'emulate', got {fp8!r}")
     if fp8_recipe not in FP8_RECIPES:
-        raise AfptError(f"optim.fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
+        raise AfptError(f"{prefix}.fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
     if fp8_linears not in FP8_LINEARS:
-        raise AfptError(f"optim.fp8_linears must be one of {FP8_LINEARS}, got {fp8_linears!r}")
+        raise AfptError(f"{prefix}.fp8_linears must be one of {FP8_LINEARS}, got {fp8_linears!r}")
     if fp8_linears == "auto" and fp8_recipe == "rowwise_with_gw_hp":
-        raise AfptError("optim.fp8_linears=auto has no torchao filter for fp8_recipe=rowwise_with_gw_hp: use all")
+        raise AfptError(f"{prefix}.fp8_linears=auto has no torchao filter for fp8_recipe=rowwise_with_gw_hp: use all")
     for key, value, default in (("fp8_recipe", fp8_recipe, "tensorwise"), ("fp8_linears", fp8_linears, "all")):
         if value != default and not fp8:
-            log.warning("optim.%s=%s has no effect: optim.fp8 is false", key, value)
+            log.warning("%s.%s=%s has no effect: %s.fp8 is false", prefix, key, value, prefix)
     if fp8 and importlib.util.find_spec("torchao") is None:
-        raise AfptError("optim.fp8 needs torchao: pip install -e '.[fp8]' (torchao 0.18)")
+        raise AfptError(f"{prefix}.fp8 needs torchao: pip install -e '.[fp8]' (torchao 0.18)")
     if loss not in LOSSES:
-        raise AfptError(f"optim.loss must be one of {LOSSES}, got {loss!r}")
+        raise AfptError(f"{prefix}.loss must be one of {LOSSES}, got {loss!r}")
     if loss != "hf" and importlib.util.find_spec("liger_kernel") is None:
-        raise AfptError(f"optim.loss={loss} needs liger-kernel (CUDA only): pip install liger-kernel")
+        raise AfptError(f"{prefix}.loss={loss} needs liger-kernel (CUDA only): pip install liger-kernel")
     if not isinstance(compile, bool) and compile != "auto":
-        raise AfptError(f"optim.compile must be true, false or 'auto', got {compile!r}")
+        raise AfptError(f"{prefix}.compile must be true, false or 'auto', got {compile!r}")
     if compile_mode not in COMPILE_MODES:
-        raise AfptError(f"optim.compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        raise AfptError(f"{prefix}.compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
     if compile_options:
         import torch._inductor.config as inductor_config
 
         if compile_mode != "default":
             raise AfptError(
-                f"optim.compile_options and optim.compile_mode={compile_mode!r} cannot both be set: "
+                f"{prefix}.compile_options and {prefix}.compile_mode={compile_mode!r} cannot both be set: "
                 "torch.compile takes a mode or options"
             )
         unknown = sorted(k for k in compile_options if not hasattr(inductor_config, k))
         if unknown:
-            raise AfptError(f"optim.compile_options: {unknown} are not torch._inductor.config options")
+            raise AfptError(f"{prefix}.compile_options: {unknown} are not torch._inductor.config options")
     if sdpa_backend is not None and sdpa_backend not in SDPA_BACKENDS:
-        raise AfptError(f"optim.sdpa_backend must be null or one of {sorted(SDPA_BACKENDS)}, got {sdpa_backend!r}")
+        raise AfptError(f"{prefix}.sdpa_backend must be null or one of {sorted(SDPA_BACKENDS)}, got {sdpa_backend!r}")
 
 
 def activation_checkpointing_on(model: PreTrainedModel) -> bool:
