@@ -18,6 +18,7 @@ steady rate. Prints a table and writes the rows as JSON to ``--out`` (default: $
 
     python benchmarks/stages.py --models llama_124m mistral_400m --steps 200 --batch 64
     python benchmarks/stages.py --steps 120 --instruct-variants "turns=400" "instruct.pin_memory=true"
+    python benchmarks/stages.py --models mistral_400m --steps 120 --no-instruct --profile
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def measure(
     profile: bool = False,
     save: Callable[[list[dict]], None] = lambda rows: None,
     instruct_variants: tuple[str, ...] = (),
+    instruct_runs: bool = True,
 ) -> list[dict]:
     """Pretrain, adapt, then instruction-tune ``model`` (once, then once per ``instruct_variants`` entry); one
     row per run (``profile``: with its kernel split), handed to ``save`` as each run ends, so a run cut off
-    keeps what it measured."""
+    keeps what it measured. ``instruct_runs=False`` stops after adaptation."""
     run = steps + PROFILE_EXTRA_STEPS if profile else steps
     common = [
         f"model={model}",
@@ -139,7 +141,7 @@ def measure(
             ada_dir,
         )
         run_stage("adapt", adapt.run, cfg, ada_dir)
-        for variant in ("", *instruct_variants):
+        for variant in ("", *instruct_variants) if instruct_runs else ():
             turns, overrides = split_variant(variant, max_turns)
             chats = Path(root) / f"chats-{turns}.jsonl"
             chats.write_text(
@@ -201,6 +203,7 @@ def main() -> None:
     parser.add_argument("--instruct-batch", type=int, help="conversations per instruct step (default: --batch)")
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     parser.add_argument("--profile", action="store_true", help="split 10 more steps' GPU time by kernel category")
+    parser.add_argument("--no-instruct", action="store_true", help="stop after adaptation (pretrain and adapt only)")
     parser.add_argument(
         "--instruct-variants",
         nargs="*",
@@ -229,6 +232,7 @@ def main() -> None:
             args.profile,
             save=lambda measured, before=list(rows): write_record(out, args, before + measured),
             instruct_variants=tuple(args.instruct_variants),
+            instruct_runs=not args.no_instruct,
         )
     columns = ["model", "stage", "steps", "tokens_per_s", "real_tokens_per_s", "padding_fraction", "step_ms"]
     print_table(rows, [*columns, "x_pretrain", "recompiles_after_warmup", "steady_windows"])

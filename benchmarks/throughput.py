@@ -204,6 +204,8 @@ def print_profiles(rows: list[dict]) -> None:
             print(f"  {ms:7.2f}  {name}")
         for site, n in row["profile"].get("sync_sites", {}).items():
             print(f"  implicit host sync x{n}: {site}")
+        for launcher, ms in row["profile"].get("idle_ms_per_step_by_launcher", {}).items():
+            print(f"  idle {ms:6.2f} ms per step before a kernel launched in: {launcher[:100]}")
 
 
 if __name__ == "__main__":

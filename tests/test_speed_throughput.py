@@ -50,6 +50,42 @@ def test_kernel_breakdown_names_the_line_of_an_implicit_sync():
     assert profile._stop_sync_debug() == {}
 
 
+def test_idle_gaps_are_charged_to_the_host_operator_that_launched_the_next_kernel():
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from afpt.speed.throughput import idle_by_launcher
+
+    def event(id, name, start, end, device=DeviceType.CPU, parent=None):
+        made = FunctionEvent(id, name, thread=1, start_us=start, end_us=end, device_type=device)
+        if parent is not None:
+            made.set_cpu_parent(parent)
+        return made
+
+    step = event(100, "Optimizer.step#AdamW.step", 0, 60)
+    mm = event(101, "aten::mm", 10, 50, parent=step)
+    events = [
+        step,
+        mm,
+        event(1, "cudaLaunchKernel", 1, 2),  # queued long before the GPU got to it
+        event(2, "cudaLaunchKernel", 45, 48, parent=mm),  # the GPU waited for the host to get here
+        event(3, "cuLaunchKernel", 75, 76),  # no operator around it: launched from Python
+        event(1, "gemm_a", 0, 20, device=DeviceType.CUDA),
+        event(2, "gemm_b", 50, 70, device=DeviceType.CUDA),
+        event(3, "triton_c", 80, 90, device=DeviceType.CUDA),
+        event(4, "triton_d", 96, 99, device=DeviceType.CUDA),  # its launch is not in the profile
+        event(5, "triton_e", 100, 101, device=DeviceType.CUDA),  # 1 us after the previous one: no gap
+    ]
+    assert idle_by_launcher(events) == {
+        "Optimizer.step#AdamW.step": 30,
+        "cuLaunchKernel": 10,
+        "(no launch found)": 6,
+    }
+    assert idle_by_launcher(events, min_gap_us=8) == {"Optimizer.step#AdamW.step": 30, "cuLaunchKernel": 10}
+    events[3] = event(2, "cudaLaunchKernel", 15, 16, parent=mm)  # gemm_b was queued while gemm_a ran
+    assert idle_by_launcher(events, min_gap_us=5)["(launched before the gap)"] == 30
+
+
 def test_throughput_callback_logs_tokens_per_second_in_windows():
     from afpt.speed.throughput import TokenThroughput, flops_per_token
 

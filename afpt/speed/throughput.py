@@ -205,6 +205,45 @@ def is_host_sync(name: str) -> bool:
     return name in HOST_SYNCS
 
 
+def idle_by_launcher(events: list, min_gap_us: float = 5.0) -> dict[str, float]:
+    """GPU idle time (microseconds) by what the host was running when it launched the kernel that ended each gap.
+
+    ``events``: a CUDA profile's ``FunctionEvent`` list. A gap is time covered by no kernel between the first
+    and the last one. It is charged to the outermost host operator (``Optimizer.step#AdamW.step``, a compiled
+    region, an ``aten::`` call from Python) around the runtime call that launched the next kernel, matched by
+    correlation id; ``(launched before the gap)`` when that launch came before the gap began (the GPU waited on
+    something else), ``(no launch found)`` when the profile holds none.
+    """
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    kernels = sorted(
+        (
+            e
+            for e in events
+            if e.device_type == cuda and not e.is_user_annotation and e.time_range.end > e.time_range.start
+        ),
+        key=lambda e: e.time_range.start,
+    )
+    launches = {e.id: e for e in events if e.device_type == cpu and e.name.startswith("cu")}
+    idle: Counter = Counter()
+    reach = None
+    for kernel in kernels:
+        start, end = kernel.time_range.start, kernel.time_range.end
+        if reach is not None and start - reach >= min_gap_us:
+            launch = launches.get(kernel.id)
+            if launch is None:
+                label = "(no launch found)"
+            elif launch.time_range.end <= reach:
+                label = "(launched before the gap)"
+            else:
+                root = launch
+                while root.cpu_parent is not None:
+                    root = root.cpu_parent
+                label = root.name
+            idle[label] += start - reach
+        reach = end if reach is None else max(reach, end)
+    return dict(idle)
+
+
 def kernel_category(name: str) -> str:
     """The category of a CUDA kernel by its name; ``other`` (elementwise, norms, RoPE) when none matches."""
     lower = name.lower()
@@ -217,8 +256,10 @@ class KernelBreakdown(Callback):
     Writes ``profile.json`` (and ``profile_trace.json``, a Chrome trace, with ``trace=True``) to
     ``dirpath``: wall time of the window, per-category kernel time, the ``top`` kernels by time (so one
     can see which attention or GEMM kernel actually ran), GPU idle time (wall time covered by no kernel
-    on any stream), and the host's gap between batches (data loading and hooks). Kernels on different streams overlap (communication with compute), so the categories
-    can add up to more than the wall time. On CPU the categories hold the operators' own CPU time.
+    on any stream), that idle time by the host operator that launched the kernel after each gap
+    (``idle_by_launcher``), and the host's gap between batches (data loading and hooks). Kernels on different
+    streams overlap (communication with compute), so the categories can add up to more than the wall time. On
+    CPU the categories hold the operators' own CPU time.
 
     Host syncs: ``host_syncs_per_step`` counts the CUDA runtime calls that block the host
     (``HOST_SYNCS``), and ``sync_sites`` names the Python lines of the implicit ones (``.item()``,
@@ -270,7 +311,9 @@ class KernelBreakdown(Callback):
         wall_ms = 1000 * (time.perf_counter() - self._start)
         self._profiler.__exit__(None, None, None)
         categories, kernels, busy = self._categories(pl_module.device.type == "cuda", wall_ms)
-        syncs = sum(1 for event in self._profiler.events() if is_host_sync(event.name))
+        events = self._profiler.events()
+        syncs = sum(1 for event in events if is_host_sync(event.name))
+        idle = idle_by_launcher(events) if pl_module.device.type == "cuda" else {}
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[: self.top]
         self.result = {
             "steps": self.steps,
@@ -280,6 +323,9 @@ class KernelBreakdown(Callback):
             "idle_ms_per_step": max(wall_ms - busy, 0.0) / self.steps,
             "busy_ms_per_step": busy / self.steps,
             "host_gap_ms_per_batch": 1000 * sum(self._gaps) / max(len(self._gaps), 1),
+            "idle_ms_per_step_by_launcher": {
+                name: us / 1000 / self.steps for name, us in sorted(idle.items(), key=lambda kv: -kv[1])[: self.top]
+            },
             "host_syncs_per_step": syncs / self.steps,
             "sync_sites": dict(sites.most_common(self.top)),
         }
