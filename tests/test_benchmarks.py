@@ -56,3 +56,19 @@ def test_stages_measures_adapt_and_instruct_against_pretraining_with_profiles(tm
     # 400 turns overflow every row: all are cut to the full 64 tokens, so nothing is padding.
     assert rows[3]["padding_fraction"] == 0 < rows[2]["padding_fraction"]
     assert "| tiny | instruct |" in result.stdout and "ms per step" in result.stdout
+
+
+@pytest.mark.slow
+def test_stages_without_instruct_measures_pretraining_and_adaptation_only(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "stages.py"), "--models", "tiny", "--steps", "12", "--batch", "4"]
+        + ["--seq", "64", "--no-instruct", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "stages-cpu.json").read_text())["rows"]
+    assert [row["stage"] for row in rows] == ["pretrain", "adapt"]
+    assert rows[1]["x_pretrain"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    assert "| tiny | adapt |" in result.stdout and "instruct" not in result.stdout
