@@ -212,6 +212,8 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
+    if args.no_instruct and args.instruct_variants:
+        parser.error("--instruct-variants runs instruct, which --no-instruct leaves out: give one of them")
     for variant in args.instruct_variants:
         try:
             split_variant(variant, args.max_turns)
