@@ -86,7 +86,8 @@ class CausalLMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
-        self.check_options({k: v for k, v in self.hparams.items() if k in self.option_defaults()})
+        options = self.option_defaults()
+        self.check_options({k: v for k, v in self.hparams.items() if k in options})
         self.model_spec = None
         if isinstance(model, str):
             model = load_model(model)
