@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from afpt.console import drop_lightning_console_handler, quiet_library_noise, summary_block
+from afpt.console import drop_lightning_console_handler, log_to_files, quiet_library_noise, summary_block
 from afpt.errors import AfptError
 from afpt.runs import check_run_name, discard, fail, is_fresh, is_rank_zero, run_lock
 
@@ -56,7 +56,7 @@ def app(cfg: DictConfig) -> float | None:
         with run_lock(run_dir):
             metrics = run_stage(cfg.stage.name, cfg)
     except AfptError as err:
-        log.error("%s", err)
+        log_to_files(log, str(err))
         if fresh:
             discard(run_dir)
         fail(str(err))
@@ -67,7 +67,7 @@ def app(cfg: DictConfig) -> float | None:
     except SIGTERMException:
         resume = "" if cfg.stage.name == "pipeline" else " ckpt_path=last"
         message = f"stopped by SIGTERM; a resumable checkpoint is saved: rerun with name={run_dir.name}{resume}"
-        log.error("%s", message)
+        log_to_files(log, message)
         fail(message, SIGTERM_EXIT)
     if metrics is not None and is_rank_zero():
         print(summary_block(cfg.stage.name, run_dir, metrics), flush=True)

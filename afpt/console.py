@@ -47,6 +47,15 @@ def quiet_library_noise() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+def log_to_files(logger: logging.Logger, message: str) -> None:
+    """Write ``message`` as an error to the log files of the root logger (the run's ``cli.log``) only: the console
+    shows an error once, as the ``afpt: error:`` line on stderr."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def drop_lightning_console_handler() -> None:
     """Remove the console handler Lightning puts on the ``lightning`` logger (once Lightning is imported):
     its records reach Hydra's root handler anyway, so every line printed twice."""

@@ -161,3 +161,9 @@ def test_the_console_shows_each_line_once_without_known_noise_and_ends_with_a_su
     tail = proc.stdout.strip().splitlines()[-2:]
     assert tail[0] == f"afpt pretrain: done, run directory {tmp_path / 'runs' / 'console'}"
     assert tail[1].startswith("validation loss: ")
+    # Bad input into the same run: one error line on the console, and the run's log file keeps it too.
+    bad = run_afpt(*TINY, "name=console", "optim.lr=0", cwd=tmp_path)
+    message = "optim.lr must be a number > 0, got 0"
+    assert bad.returncode == 2 and (bad.stdout + bad.stderr).count(message) == 1, bad.stdout + bad.stderr
+    assert f"afpt: error: {message}" in bad.stderr
+    assert message in (tmp_path / "runs" / "console" / "cli.log").read_text()
