@@ -10,7 +10,7 @@ import torch
 from helpers import fit, tiny_llama
 
 from afpt import CausalLMModule
-from afpt.adapt.expansion import apply_policy, changed_frozen, expand_vocabulary, frozen_snapshot
+from afpt.adapt.expansion import NewRowsHead, apply_policy, changed_frozen, expand_vocabulary, frozen_snapshot
 from afpt.adapt.initializers import init_from_overlap, init_mean, init_new_rows, init_random, overlap_weights
 from afpt.adapt.vocab import canonical_token, merge_tokenizers, train_language_tokenizer
 from afpt.data import train_tokenizer
@@ -140,6 +140,51 @@ def test_new_rows_policy_zeroes_exactly_the_old_rows_gradient():
     grad = model.get_input_embeddings().weight.grad
     assert torch.equal(grad[:80], torch.zeros_like(grad[:80])) and full[:80].abs().sum() > 0
     assert torch.equal(grad[80:], full[80:]) and full[80:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("how", ["eager", "bf16_autocast", "compiled"])
+def test_new_rows_head_skips_the_old_rows_weight_gradient_and_keeps_the_rest(how):
+    """The tied head of ``new_rows_and_head`` gives the plain head's logits and hidden-state gradient, the plain
+    head's weight gradient on the new rows, and exact zeros on the old rows (which the plain head fills)."""
+    weight = torch.nn.Parameter(torch.randn(96, 32, generator=torch.Generator().manual_seed(0)))
+    hidden = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
+    head = NewRowsHead(weight, 80)
+    run = torch.compile(head, backend="aot_eager", fullgraph=True) if how == "compiled" else head
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "bf16_autocast")
+    results = []
+    for forward in (lambda h: torch.nn.functional.linear(h, weight), run):
+        h = hidden.clone().requires_grad_(True)
+        with autocast:
+            logits = forward(h)
+        (logits.float().square().sum() / 100).backward()
+        results.append((logits.detach(), h.grad, weight.grad))
+        weight.grad = None
+    (plain_logits, plain_dh, plain_dw), (logits, dh, dw) = results
+    assert logits.dtype == plain_logits.dtype == (torch.bfloat16 if how == "bf16_autocast" else torch.float32)
+    assert torch.equal(logits, plain_logits)
+    assert dw.dtype == torch.float32 and dh.dtype == torch.float32
+    assert torch.equal(dw[:80], torch.zeros_like(dw[:80])) and plain_dw[:80].abs().sum() > 0
+    torch.testing.assert_close(dw[80:], plain_dw[80:])
+    torch.testing.assert_close(dh, plain_dh)
+
+
+def test_new_rows_policy_installs_its_head_only_on_a_tied_model_and_saves_plain_weights(tmp_path):
+    tied, untied = tiny_llama(tied=True), tiny_llama(tied=False)
+    apply_policy(tied, "new_rows_and_head", 80)
+    apply_policy(untied, "new_rows_and_head", 80)
+    assert isinstance(tied.get_output_embeddings(), NewRowsHead)
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    assert type(untied.get_output_embeddings()) is torch.nn.Linear
+    embeddings = tiny_llama(tied=True)
+    apply_policy(embeddings, "embeddings", 80)
+    assert type(embeddings.get_output_embeddings()) is torch.nn.Linear
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    tied.save_pretrained(tmp_path)
+    reloaded = type(tied).from_pretrained(tmp_path)
+    assert type(reloaded.get_output_embeddings()) is torch.nn.Linear
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, tied(input_ids=ids).logits)
 
 
 def test_official_focus_copies_shared_rows_and_makes_new_rows_convex_combinations(base_model, tmp_path):

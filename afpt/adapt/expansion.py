@@ -7,6 +7,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from afpt.adapt.initializers import HELPER_INITIALIZERS, init_new_rows
 from afpt.adapt.vocab import canonical_token, is_byte_level, merge_tokenizers, train_language_tokenizer
@@ -134,6 +136,46 @@ def expand_vocabulary(
     return {"new_tokens": n_new_total - n_old, "fallback_rows": fallbacks, "tied_head": int(is_tied(model))}
 
 
+class _NewRowsLinear(torch.autograd.Function):
+    """``hidden @ weight.T`` whose weight gradient is computed for rows ``n_old..`` only (the rest are zeros)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, n_old: int) -> torch.Tensor:
+        out = F.linear(hidden, weight)  # under autocast, in autocast's dtype, as nn.Linear computes it
+        ctx.save_for_backward(hidden.to(out.dtype), weight)
+        ctx.n_old = n_old
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        hidden, weight = ctx.saved_tensors
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = grad @ weight.to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            new = grad.flatten(0, -2)[:, ctx.n_old :].t() @ hidden.flatten(0, -2)
+            grad_weight = torch.cat((weight.new_zeros(ctx.n_old, weight.shape[1]), new.to(weight.dtype)))
+        return grad_hidden, grad_weight, None
+
+
+class NewRowsHead(nn.Module):
+    """A tied output head that computes its weight gradient for the new rows only.
+
+    The ``new_rows_and_head`` policy trains the rows from ``n_old`` on; the old rows' gradient is zeroed anyway,
+    so the head's weight-gradient GEMM skips them (``n_old`` of the vocabulary's rows). The forward and the
+    hidden-state gradient are the full head's; ``weight`` stays the embedding's own parameter, so the model
+    saves and reloads as before.
+    """
+
+    def __init__(self, weight: nn.Parameter, n_old: int):
+        super().__init__()
+        self.weight, self.n_old = weight, n_old
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary."""
+        return _NewRowsLinear.apply(hidden, self.weight, self.n_old)
+
+
 def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
     """Freeze what the policy freezes; mask the gradient of old embedding rows for ``new_rows_and_head``.
 
@@ -152,6 +194,8 @@ def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
         # Zero the old rows by slicing, on the gradient's own device: a row mask kept from here would sit on
         # the CPU and be copied to the GPU at every backward, a copy that stalls the host on the GPU.
         embedding.register_hook(lambda grad: torch.cat((grad.new_zeros(n_old, *grad.shape[1:]), grad[n_old:])))
+        if is_tied(model) and getattr(head_module, "bias", None) is None:
+            model.set_output_embeddings(NewRowsHead(embedding, n_old))
     counts = {"embedding_rows": 0, "head": 0, "body": 0}
     rows = embedding.shape[0] - n_old if policy == "new_rows_and_head" else embedding.shape[0]
     counts["embedding_rows"] = rows * embedding.shape[1] if embedding.requires_grad else 0
