@@ -153,8 +153,12 @@ class _NewRowsLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = grad @ weight.to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            new = grad.flatten(0, -2)[:, ctx.n_old :].t() @ hidden.flatten(0, -2)
-            grad_weight = torch.cat((weight.new_zeros(ctx.n_old, weight.shape[1]), new.to(weight.dtype)))
+            # From a row 64-aligned in memory (the slice of the logits' gradient is a GEMM operand, and a
+            # misaligned start sends cuBLAS to a slow kernel); the few old rows past that start are then zeroed.
+            start = ctx.n_old // 64 * 64
+            new = (grad.flatten(0, -2)[:, start:].t() @ hidden.flatten(0, -2)).to(weight.dtype)
+            new[: ctx.n_old - start] = 0
+            grad_weight = torch.cat((weight.new_zeros(start, weight.shape[1]), new))
         return grad_hidden, grad_weight, None
 
 
