@@ -166,9 +166,8 @@ class NewRowsHead(nn.Module):
     """A tied output head that computes its weight gradient for the new rows only.
 
     The ``new_rows_and_head`` policy trains the rows from ``n_old`` on; the old rows' gradient is zeroed anyway,
-    so the head's weight-gradient GEMM skips them (``n_old`` of the vocabulary's rows). The forward and the
-    hidden-state gradient are the full head's; ``weight`` stays the embedding's own parameter, so the model
-    saves and reloads as before.
+    so the head's weight-gradient GEMM skips them. The forward and the hidden-state gradient are the full
+    head's; ``weight`` stays the embedding's own parameter, so the model saves and reloads as before.
     """
 
     def __init__(self, weight: nn.Parameter, n_old: int):
@@ -181,7 +180,8 @@ class NewRowsHead(nn.Module):
 
 
 def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
-    """Freeze what the policy freezes; mask the gradient of old embedding rows for ``new_rows_and_head``.
+    """Freeze what the policy freezes; mask the gradient of old embedding rows for ``new_rows_and_head``, where
+    a tied head (without bias) becomes a ``NewRowsHead``.
 
     Returns the trainable parameter count per group.
     """
