@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The forgetting-variants sweep of experiments/forgetting_variants.md as parallel single jobs, one CPU
 # thread each: the same jobs as
-#   afpt -m stage=pipeline forgetting=every_k,temporary,partial,probabilistic seed=0,1,2 pipeline.instruct=false
+#   afpt -m stage=pipeline forgetting=every_k,temporary,partial,bernoulli seed=0,1,2 pipeline.instruct=false
 # on a machine with >= 12 cores. Usage: experiments/forgetting_variants.sh OUT_DIR [extra overrides...]
 # TRAINER (default "trainer=cpu") holds the trainer overrides, e.g. TRAINER="trainer=gpu trainer.precision=32-true
 # optim.compile=false" runs the 12 jobs side by side on one GPU.
@@ -9,7 +9,7 @@
 set -uo pipefail
 out=$(realpath -m "$1"); shift
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-for v in every_k temporary partial probabilistic; do
+for v in every_k temporary partial bernoulli; do
   for s in 0 1 2; do
     mkdir -p "$out/work/${v}_s$s"
     (cd "$out/work/${v}_s$s" && afpt stage=pipeline "forgetting=$v" "seed=$s" pipeline.instruct=false \

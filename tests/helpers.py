@@ -54,7 +54,7 @@ def compose_config(tmp_path: Path, overrides: list[str] = (), tiny: bool = True)
     """The real afpt config, composed (with tiny sizes unless ``tiny=False``) and a run dir under ``tmp_path``."""
     GlobalHydra.instance().clear()
     tiny_overrides = list(TINY if tiny else [])
-    if "forgetting=none" in overrides:  # no forgetting node to set options on
+    if {"forgetting=none", "forgetting=probabilistic_temporary"} & set(overrides):  # no every_n_steps to set
         tiny_overrides = [o for o in tiny_overrides if not o.startswith("++forgetting.")]
     with initialize_config_module(config_module="afpt.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*tiny_overrides, *overrides])

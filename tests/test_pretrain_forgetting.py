@@ -177,10 +177,20 @@ def test_schedule_functions():
 def test_mean_std_init_keeps_per_dimension_statistics():
     weight = torch.randn(4096, 32) * torch.linspace(0.5, 3.0, 32) + torch.arange(32.0)
     mean, std = weight.mean(0), weight.std(0)
-    reinitialize_(weight, torch.Generator().manual_seed(1), init="mean_std", pad_token_id=3)
+    reinitialize_(weight, torch.Generator().manual_seed(1), init="mean_std", pad_token_id=3, mean_std_scope="dim")
     assert torch.allclose(weight.mean(0), mean, atol=float(0.1 * std.max()))
     assert torch.allclose(weight.std(0), std, rtol=0.1)
     assert torch.count_nonzero(weight[3]) == 0
+
+
+def test_mean_std_matrix_scope_draws_from_one_scalar_mean_and_std():
+    weight = torch.randn(4096, 32) * torch.linspace(0.5, 3.0, 32) + torch.arange(32.0)
+    mean, std = weight.mean(), weight.std()
+    reinitialize_(weight, torch.Generator().manual_seed(1), init="mean_std")  # Chen et al.'s scalar variant
+    assert weight.mean().item() == pytest.approx(mean.item(), abs=0.05)
+    assert weight.std().item() == pytest.approx(std.item(), rel=0.02)
+    # One distribution for every dimension: the per-dimension means no longer follow arange(32).
+    assert weight.mean(0).std() < 0.2 and weight.std(0).min() > 0.9 * std
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, "10"])
@@ -280,6 +290,7 @@ def test_probabilistic_reset_redraws_each_row_with_its_probability_until_it_stop
         {"row_probability": 0.0},
         {"row_probability": 2},
         {"row_probability": 0.5, "fraction": 0.5},
+        {"mean_std_scope": "row"},
     ],
 )
 def test_bad_variant_options_are_one_clear_error(bad):

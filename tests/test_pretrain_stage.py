@@ -95,9 +95,9 @@ def test_init_from_continues_from_a_saved_model(tmp_path):
         (["forgetting=every_k"], [2, 4, 6]),
         (["forgetting=partial"], [2, 4, 6]),
         (["forgetting=temporary", "forgetting.stop_after_steps=5"], [2, 4]),
-        (["forgetting=probabilistic", "forgetting.stop_after_steps=7"], [2, 4, 6]),
+        (["forgetting=bernoulli", "forgetting.stop_after_steps=7"], [2, 4, 6]),
     ],
-    ids=["every_k", "partial", "temporary", "probabilistic"],
+    ids=["every_k", "partial", "temporary", "bernoulli"],
 )
 def test_resume_matches_an_uninterrupted_run(tmp_path, variant, resets):
     # K=2 puts a reset right at the checkpoint step 4: the resumed run must make it on its first batch.

@@ -1,9 +1,7 @@
-"""Vocabulary expansion: the merged tokenizer, new embedding rows (random, mean, CLP, FOCUS), and the freeze
+"""Vocabulary expansion: new embedding rows (random, mean, CLP, FOCUS) or every row redrawn, and the freeze
 policies that say what adaptation trains."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -11,24 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from afpt.adapt.initializers import HELPER_INITIALIZERS, init_new_rows
-from afpt.adapt.vocab import canonical_token, is_byte_level, merge_tokenizers, train_language_tokenizer
+from afpt.adapt.vocab import canonical_token, is_byte_level
 from afpt.data import PretrainDataModule, load_tokenizer
-from afpt.io import atomic_save
 from afpt.models import ModelConfig, build_model, check_model_dir, is_tied, load_model, padded_vocab, untied_head
 from afpt.pretrain.module import CausalLMModule
 
-POLICIES = ("new_rows_and_head", "embeddings", "full")
-
-
-def merged_tokenizer_for_run(base, corpus, cache_dir: Path, vocab_size: int, sample_docs: int):
-    """The merged tokenizer, cached in the run directory so a resumed run gets the same one."""
-    if (cache_dir / "tokenizer.json").is_file():
-        return load_tokenizer(cache_dir)
-    texts = [t for ds in corpus.train.values() for t in ds.select(range(min(sample_docs, len(ds))))["text"]]
-    new = train_language_tokenizer(base, texts, vocab_size)
-    merged = merge_tokenizers(base, new, vocab_size)
-    atomic_save(merged.save_pretrained, cache_dir)
-    return merged
+POLICIES = ("new_rows_and_head", "embeddings", "embeddings_and_head", "full")
+REINITS = ("new_rows", "all_rows")
 
 
 def train_helper(cfg, tokenizer, train_blocks: dict, seed: int) -> torch.Tensor:
@@ -136,6 +123,24 @@ def expand_vocabulary(
     return {"new_tokens": n_new_total - n_old, "fallback_rows": fallbacks, "tied_head": int(is_tied(model))}
 
 
+@torch.no_grad()
+def reinit_all_rows(model, n_tokens: int, generator: torch.Generator, pad_multiple: int = 64) -> dict[str, int]:
+    """Resize the embedding (and an untied head) to ``n_tokens`` rows (padded) and redraw every row from
+    N(0, initializer_range), the padding row zero: Chen et al.'s relearning start (``manual_reset_emb.py``)."""
+    model.resize_token_embeddings(padded_vocab(n_tokens, pad_multiple), mean_resizing=False)
+    std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
+    pad = model.config.pad_token_id
+    head = untied_head(model)
+    for weight in [model.get_input_embeddings().weight] + ([] if head is None else [head.weight]):
+        values = torch.randn(weight.shape, generator=generator) * std
+        if pad is not None and weight is model.get_input_embeddings().weight:
+            values[pad] = 0
+        weight.copy_(values.to(weight.device, weight.dtype))
+    if head is not None and getattr(head, "bias", None) is not None:
+        head.bias.zero_()
+    return {"new_tokens": n_tokens, "fallback_rows": 0, "tied_head": int(is_tied(model))}
+
+
 class _NewRowsLinear(torch.autograd.Function):
     """``hidden @ weight.T`` whose weight gradient is computed for rows ``n_old..`` only (the rest are zeros)."""
 
@@ -181,7 +186,8 @@ class NewRowsHead(nn.Module):
 
 def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
     """Freeze what the policy freezes; mask the gradient of old embedding rows for ``new_rows_and_head``, where
-    a tied head (without bias) becomes a ``NewRowsHead``.
+    a tied head (without bias) becomes a ``NewRowsHead``. ``embeddings`` trains the embedding (and a tied head
+    with it); ``embeddings_and_head`` an untied head too; ``full`` everything.
 
     Returns the trainable parameter count per group.
     """
@@ -192,8 +198,10 @@ def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
         param.requires_grad_(policy == "full")
     if policy in ("new_rows_and_head", "embeddings"):
         embedding.requires_grad_(True)
-    if policy == "new_rows_and_head" and head is not None:
+    if policy in ("new_rows_and_head", "embeddings_and_head") and head is not None:
         head.requires_grad_(True)
+        if getattr(head_module, "bias", None) is not None:
+            head_module.bias.requires_grad_(True)
     if policy == "new_rows_and_head":
         # Zero the old rows by slicing, on the gradient's own device: a row mask kept from here would sit on
         # the CPU and be copied to the GPU at every backward, a copy that stalls the host on the GPU.
@@ -203,10 +211,12 @@ def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
     counts = {"embedding_rows": 0, "head": 0, "body": 0}
     rows = embedding.shape[0] - n_old if policy == "new_rows_and_head" else embedding.shape[0]
     counts["embedding_rows"] = rows * embedding.shape[1] if embedding.requires_grad else 0
-    if head is not None and not is_tied(model) and head.requires_grad:
-        counts["head"] = head.numel()
+    head_params = [] if head_module is None or is_tied(model) else list(head_module.parameters())
+    counts["head"] = sum(p.numel() for p in head_params if p.requires_grad)
     counts["body"] = sum(
-        p.numel() for p in model.parameters() if p.requires_grad and p is not embedding and p is not head
+        p.numel()
+        for p in model.parameters()
+        if p.requires_grad and p is not embedding and not any(p is h for h in head_params)
     )
     return counts
 

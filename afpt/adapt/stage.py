@@ -1,7 +1,9 @@
-"""``stage=adapt``: carry a pretrained model to new languages by vocabulary expansion.
+"""``stage=adapt``: carry a pretrained model to new languages by vocabulary expansion or relearning.
 
-Train a tokenizer on the new languages, merge it into the model's (old ids unchanged), initialise the
-new embedding rows (random, mean, CLP or FOCUS), and train what the freeze policy allows.
+Train a tokenizer on the new languages and merge it into the model's (old ids unchanged; the AFA recipe) or
+use it alone (Chen et al.), initialise the new embedding rows (random, mean, CLP or FOCUS) or redraw every row,
+and train what the freeze policy allows on a corpus capped at ``corpus_tokens``, keeping the weights of the
+best validation loss.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from afpt.adapt.best import BestWeights
+from afpt.adapt.corpus import TOKENIZER_MODES, adaptation_tokenizer, cap_blocks
 from afpt.adapt.expansion import (
     POLICIES,
+    REINITS,
     apply_policy,
     changed_frozen,
     expand_vocabulary,
     frozen_snapshot,
-    merged_tokenizer_for_run,
     prepare_helper,
+    reinit_all_rows,
 )
 from afpt.adapt.focus import focus_new_rows
 from afpt.adapt.initializers import HELPER_INITIALIZERS, INITIALIZERS
@@ -30,12 +35,34 @@ from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corp
 from afpt.errors import AfptError
 from afpt.evaluate.metrics import batch_size_for, device_for, language_perplexities
 from afpt.io import write_json
-from afpt.models import check_model_dir, load_model, on_eval_device, save_model_dir
+from afpt.models import check_model_dir, is_tied, load_model, on_eval_device, save_model_dir
 from afpt.plots import plot_adaptation
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.throughput import throughput_summary
 from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, to_dict
 from afpt.tracking import publish_artifacts
+
+
+def check_protocol(a: DictConfig) -> None:
+    """One clear error, naming the ``adapt.*`` key, for a tokenizer / reinit / policy / budget mix that cannot run."""
+    if a.tokenizer not in TOKENIZER_MODES:
+        raise AfptError(f"adapt.tokenizer={a.tokenizer!r} is unknown; expected one of {TOKENIZER_MODES}")
+    if a.reinit not in REINITS:
+        raise AfptError(f"adapt.reinit={a.reinit!r} is unknown; expected one of {REINITS}")
+    if a.tokenizer == "replace" and a.reinit != "all_rows":
+        raise AfptError(
+            "adapt.tokenizer=replace needs adapt.reinit=all_rows: the new tokenizer's ids do not name the old rows"
+        )
+    if a.reinit == "all_rows" and a.policy == "new_rows_and_head":
+        raise AfptError(
+            "adapt.reinit=all_rows with adapt.policy=new_rows_and_head would freeze freshly drawn rows; "
+            "use adapt.policy=embeddings, embeddings_and_head or full"
+        )
+    value = a.corpus_tokens
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise AfptError(f"adapt.corpus_tokens must be null or a positive number of tokens, got {value!r}")
+    if not isinstance(a.keep_best, bool):
+        raise AfptError(f"adapt.keep_best must be true or false, got {a.keep_best!r}")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -50,6 +77,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise AfptError(f"adapt.policy={a.policy!r} is unknown; expected one of {POLICIES}")
     if isinstance(a.token_budget, bool) or not isinstance(a.token_budget, (int, float)) or not a.token_budget >= 1:
         raise AfptError(f"adapt.token_budget must be a positive number of tokens, got {a.token_budget!r}")
+    check_protocol(a)
     CausalLMModule.check_options(to_dict(cfg.optim))
     CausalLMModule.check_options(merged(cfg.optim, a.optim), prefix="adapt.optim")
     eval_device = device_for(cfg.evaluate.device)
@@ -57,8 +85,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_model_dir(source)
     ckpt_path = check_ckpt_path(cfg)
     base = load_tokenizer(source)
-    target = a.vocab_size or len(base) + a.new_tokens
-    if target < len(base):
+    replace = a.tokenizer == "replace"
+    target = a.vocab_size or (len(base) if replace else len(base) + a.new_tokens)
+    if target < len(base) and not replace:
         raise AfptError(f"adapt.vocab_size={target} is smaller than the model's vocabulary ({len(base)} tokens)")
     langs = list(a.languages or world_languages(cfg.data, "heldout_languages"))
     if cfg.data.source == "world":
@@ -73,8 +102,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise AfptError(f"adaptation languages {missing} have no held-out text")
     heldout = {lang: corpus.validation[lang]["text"][: a.eval_docs] for lang in langs}
 
-    tokenizer = merged_tokenizer_for_run(base, corpus, run_dir / "tokenizer", target, a.tokenizer_sample_docs)
+    tokenizer, corpus = adaptation_tokenizer(
+        base, corpus, run_dir / "tokenizer", a.tokenizer, target, a.tokenizer_sample_docs, a.corpus_tokens
+    )
     model = load_model(source)
+    if replace and not is_tied(model) and a.policy in ("new_rows_and_head", "embeddings"):
+        raise AfptError(
+            f"adapt.tokenizer=replace with adapt.policy={a.policy} would keep {source}'s untied output head, whose "
+            "rows belong to the old vocabulary; use adapt.policy=embeddings_and_head (or full)"
+        )
     block = cfg.data.block_size
     # Scored as the evaluate stage scores held-out text (its context and batch), so "after" here is the adapted
     # model's number there.
@@ -82,19 +118,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with on_eval_device(model, eval_device.type):
         before = language_perplexities(model, base, heldout, context, eval_batch)
     train_blocks, val_blocks = pack_corpus(corpus, tokenizer, block, cfg.data.max_val_blocks)
+    train_blocks = cap_blocks(train_blocks, a.corpus_tokens, block)
+    unique = sum(len(ds) for ds in train_blocks.values()) * block
 
-    n_old = len(base)
-    helper, overlap_ids, given = None, None, None
-    if a.init in HELPER_INITIALIZERS:
-        helper, overlap_ids = prepare_helper(a, tokenizer, train_blocks, n_old, cfg.seed)
-    if a.init == "focus":
-        texts = [t for ds in corpus.train.values() for t in ds["text"]]
-        given = focus_new_rows(model, n_old, base, tokenizer, texts, run_dir, cfg.seed, **to_dict(a.focus))
+    # all_rows: every row is new (the policy's "old rows" are none).
+    n_old = 0 if a.reinit == "all_rows" else len(base)
     generator = torch.Generator().manual_seed(cfg.seed)
-    expansion = expand_vocabulary(
-        model, n_old, len(tokenizer), a.init, generator, helper, overlap_ids, given_rows=given
-    )
     model.config.pad_token_id = tokenizer.pad_token_id
+    if a.reinit == "all_rows":
+        expansion = reinit_all_rows(model, len(tokenizer), generator)
+    else:
+        helper, overlap_ids, given = None, None, None
+        if a.init in HELPER_INITIALIZERS:
+            helper, overlap_ids = prepare_helper(a, tokenizer, train_blocks, n_old, cfg.seed)
+        if a.init == "focus":
+            texts = [t for ds in corpus.train.values() for t in ds["text"]]
+            given = focus_new_rows(model, n_old, base, tokenizer, texts, run_dir, cfg.seed, **to_dict(a.focus))
+        expansion = expand_vocabulary(
+            model, n_old, len(tokenizer), a.init, generator, helper, overlap_ids, given_rows=given
+        )
     trainable = apply_policy(model, a.policy, n_old)
     snapshot = frozen_snapshot(model, a.policy, n_old)
 
@@ -111,13 +153,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     module = CausalLMModule(model, **merged(cfg.optim, a.optim))
     val_every = max(1, min(max_steps, a.val_every_n_steps))
+    best = BestWeights()
     trainer = build_trainer(
-        cfg, run_dir, [], **{**to_dict(a.trainer), "max_steps": max_steps, "val_check_interval": val_every}
+        cfg, run_dir, [best], **{**to_dict(a.trainer), "max_steps": max_steps, "val_check_interval": val_every}
     )
     require_replicated(trainer, "adapt")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - start
+    trainer.validate(module, datamodule=datamodule, verbose=False)  # the last step, if no check fell on it
+    if a.keep_best:
+        best.restore(module)
+    chars = sum(len(t) for lang in langs for t in corpus.validation[lang]["text"])
+    tokens = sum(len(ids) for lang in langs for ids in tokenizer(corpus.validation[lang]["text"])["input_ids"])
 
     changed = changed_frozen(model, snapshot, n_old)
     if changed:
@@ -130,6 +178,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "languages": langs,
         "init": a.init,
         "policy": a.policy,
+        "tokenizer": a.tokenizer,
+        "reinit": a.reinit,
+        "corpus_tokens": unique,
+        "epochs": round(trainer.global_step * tokens_per_step / unique, 2),
+        "val_curve": best.curve,
+        "val_tokens_per_char": tokens / max(1, chars),
+        "best_step": best.best_step,
+        "best_val_loss": best.best_loss,
+        "kept": "best" if a.keep_best else "last",
         "vocab_size_before": n_old,
         "vocab_size_after": len(tokenizer),
         **expansion,

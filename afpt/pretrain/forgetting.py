@@ -32,6 +32,7 @@ from afpt.speed.distributed import (
 from afpt.speed.timing import HostCopy, ResetTimer, settle, step_loss
 
 INITS = ("normal", "mean_std")
+MEAN_STD_SCOPES = ("matrix", "dim")
 HEAD_POLICIES = ("auto", "always", "never")
 RESET_NAMES = ("embedding", "head_weight", "head_bias")
 
@@ -49,17 +50,24 @@ def reinitialize_(
     init: str = "normal",
     std: float = 0.02,
     pad_token_id: int | None = None,
+    mean_std_scope: str = "matrix",
 ) -> None:
     """Overwrite ``weight`` in place with fresh values; the padding row, if given, becomes zero.
 
-    ``normal`` draws N(0, std); ``mean_std`` draws from the current per-dimension mean and std.
+    ``normal`` draws N(0, std); ``mean_std`` draws from the current mean and std: one scalar pair over the
+    whole matrix (``mean_std_scope="matrix"``, Chen et al.'s code) or one pair per dimension (``"dim"``).
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    if mean_std_scope not in MEAN_STD_SCOPES:
+        raise ValueError(f"unknown mean_std_scope {mean_std_scope!r}; expected one of {MEAN_STD_SCOPES}")
     noise = torch.randn(weight.shape, generator=generator, device=generator.device, dtype=torch.float32)
     noise = noise.to(weight.device)
     if init == "normal":
         values = noise * std
+    elif mean_std_scope == "matrix":
+        current = weight.float()
+        values = current.mean() + current.std() * noise
     else:
         current = weight.float()
         values = current.mean(dim=0) + current.std(dim=0) * noise
@@ -122,12 +130,15 @@ def check_options(
     stop_after_steps: int | None = None,
     fraction: float = 1.0,
     row_probability: float | None = None,
+    mean_std_scope: str = "matrix",
 ) -> None:
     """One clear error, naming the ``forgetting.*`` key, for an option ``ActiveForgetting`` cannot use."""
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
         raise AfptError(f"forgetting.every_n_steps must be a positive integer, got {every_n_steps!r}")
     if init not in INITS:
         raise AfptError(f"forgetting.init must be one of {INITS}, got {init!r}")
+    if mean_std_scope not in MEAN_STD_SCOPES:
+        raise AfptError(f"forgetting.mean_std_scope must be one of {MEAN_STD_SCOPES}, got {mean_std_scope!r}")
     if head not in HEAD_POLICIES:
         raise AfptError(f"forgetting.head must be one of {HEAD_POLICIES}, got {head!r}")
     if episode_decay not in DECAYS:
@@ -162,7 +173,9 @@ class ActiveForgetting(Callback):
     Args:
         every_n_steps: K, counted in optimizer steps (``trainer.global_step``). The reset happens
             between step K's update and the next forward pass; none after the final step.
-        init: ``normal`` (N(0, std)) or ``mean_std`` (current per-dimension mean and std).
+        init: ``normal`` (N(0, std)) or ``mean_std`` (the current mean and std, see ``mean_std_scope``).
+        mean_std_scope: ``matrix``: one scalar mean and std over the whole matrix (Chen et al.'s code);
+            ``dim``: one per embedding dimension.
         std: standard deviation for ``normal``; default: the model config's ``initializer_range``,
             else 0.02.
         head: ``auto`` resets the output head exactly when it is tied to the input embedding;
@@ -186,14 +199,14 @@ class ActiveForgetting(Callback):
             drawn from the reset's generator; the other rows and their optimizer state stay bit for bit);
             1: the whole matrix. Below 1 it runs on one device, under DDP or under FSDP2 (each rank zeroes the
             optimizer state of the reset rows in its own shard); FSDP v1 is refused.
-        row_probability: probabilistic forgetting (Anand et al. 2024): at each reset every embedding row is
-            re-initialised independently with this probability (drawn from the reset's generator, so the same
-            rows on every rank and after a resume); the others and their optimizer state stay bit for bit.
-            None: off. Exclusive with ``fraction`` < 1; combine with ``stop_after_steps`` for the paper's
-            probabilistic *temporary* forgetting.
+        row_probability: Bernoulli row resets (afpt's own variant, no published method): at each every-K reset
+            every embedding row is re-initialised independently with this probability (drawn from the reset's
+            generator, so the same rows on every rank and after a resume); the others and their optimizer
+            state stay bit for bit. None: off. Exclusive with ``fraction`` < 1. Anand et al.'s probabilistic
+            temporary forgetting is ``afpt.pretrain.token_swap.ProbabilisticTemporaryForgetting``.
         save_before_reset: write the model (and the datamodule's tokenizer) as a Hugging Face directory
             ``<default_root_dir>/episodes/step<N>/`` just before the reset at step N: the end of an episode.
-        label: the variant's name in reports (``every_k``, ``temporary``, ``partial``, ``probabilistic``).
+        label: the variant's name in reports (``every_k``, ``temporary``, ``partial``, ``bernoulli``).
 
     ``history`` holds one dict per reset: ``step``, ``reset_index``, ``rows`` (how many rows were reset), ``loss_before`` / ``loss_after``
     (the losses of the steps around it), ``duration_ms`` (GPU time from CUDA events on CUDA, wall time
@@ -220,6 +233,7 @@ class ActiveForgetting(Callback):
         save_before_reset: bool = False,
         label: str = "every_k",
         row_probability: float | None = None,
+        mean_std_scope: str = "matrix",
     ) -> None:
         super().__init__()
         check_options(
@@ -232,7 +246,9 @@ class ActiveForgetting(Callback):
             stop_after_steps,
             fraction,
             row_probability,
+            mean_std_scope,
         )
+        self.mean_std_scope = mean_std_scope
         self.stop_after_steps = stop_after_steps
         self.fraction = float(fraction)
         self.row_probability = None if row_probability is None else float(row_probability)
@@ -325,7 +341,7 @@ class ActiveForgetting(Callback):
         generator = torch.Generator(device=device)
         generator.manual_seed(reset_seed(self.seed, reset_index, name))
         pad = self._pad_token_id(model) if name == "embedding" else None
-        reinitialize_(value, generator, self.init, self._std(model), pad)
+        reinitialize_(value, generator, self.init, self._std(model), pad, self.mean_std_scope)
         return value
 
     @torch.no_grad()
