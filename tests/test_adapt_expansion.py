@@ -103,7 +103,7 @@ def _changed(before: dict, model) -> set[str]:
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("policy", ["new_rows_and_head", "embeddings", "full"])
+@pytest.mark.parametrize("policy", ["new_rows_and_head", "embeddings", "embeddings_and_head", "full"])
 def test_freeze_policies_change_exactly_the_promised_tensors(policy, tied):
     model = tiny_llama(tied=tied, vocab=96)
     n_old = 80  # ids 80..95 are the "new" tokens; the random batches use all 96
@@ -125,7 +125,23 @@ def test_freeze_policies_change_exactly_the_promised_tensors(policy, tied):
         assert torch.equal(emb[:n_old].detach(), before["model.embed_tokens.weight"][:n_old])
         assert not torch.equal(emb[n_old:].detach(), before["model.embed_tokens.weight"][n_old:])
     if not tied:
-        assert ("lm_head.weight" in changed) == (policy in ("new_rows_and_head", "full"))
+        assert ("lm_head.weight" in changed) == (policy in ("new_rows_and_head", "embeddings_and_head", "full"))
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_reinit_all_rows_redraws_every_row_at_the_new_size(tied):
+    from afpt.adapt.expansion import reinit_all_rows
+
+    model = tiny_llama(tied=tied, vocab=96)
+    body = {n: p.detach().clone() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n}
+    old = model.get_input_embeddings().weight.detach().clone()
+    reinit_all_rows(model, 70, torch.Generator().manual_seed(3), pad_multiple=8)
+    emb = model.get_input_embeddings().weight.detach()
+    assert emb.shape == (72, 32) and not emb[0].any()  # padded to 72 rows; the pad row (id 0) is zero
+    assert (emb[1:] != old[1:72]).any(dim=1).all() and 0.015 < emb[1:].std() < 0.025
+    head = model.get_output_embeddings().weight.detach()
+    assert head.shape == (72, 32) and (tied == (head.data_ptr() == emb.data_ptr()))
+    assert all(torch.equal(body[n], p) for n, p in model.named_parameters() if n in body)
 
 
 def test_new_rows_policy_zeroes_exactly_the_old_rows_gradient():

@@ -158,3 +158,69 @@ def test_early_stopping_entry_stops_adaptation_but_never_pretraining(tmp_path, b
     # 40 steps were budgeted; no validation loss improves by 100, so the stage stops after its second check.
     assert metrics["max_steps"] == 40 and metrics["global_step"] == 20
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_chen_relearning_replaces_the_tokenizer_and_every_row_and_keeps_the_best_weights(tmp_path, base_model):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "relearn"
+    cfg = compose_config(
+        out,
+        [
+            "stage=adapt",
+            f"init_from={base_model}",
+            "adapt.languages=[xd]",
+            "adapt.tokenizer=replace",
+            "adapt.reinit=all_rows",
+            "adapt.policy=embeddings",
+            "adapt.vocab_size=400",
+            "adapt.corpus_tokens=300",
+            "adapt.token_budget=6000",
+            "adapt.val_every_n_steps=5",
+            "adapt.eval_docs=4",
+            "adapt.optim.lr=0.1",  # 20 epochs over 7 blocks: validation loss turns up, so the best step is early
+        ],
+    )
+    metrics = adapt.run(cfg)
+    new_tok, old_tok = AutoTokenizer.from_pretrained(out / "model"), AutoTokenizer.from_pretrained(base_model)
+    assert len(new_tok) == 400 and new_tok.get_vocab() != old_tok.get_vocab()
+    assert new_tok.get_vocab() == AutoTokenizer.from_pretrained(out / "tokenizer").get_vocab()
+    before, after = load_file(base_model / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    emb = "model.embed_tokens.weight"
+    assert after[emb].shape[0] == 448  # 400 tokens, padded to a multiple of 64
+    rows = min(before[emb].shape[0], after[emb].shape[0])
+    assert (before[emb][:rows] != after[emb][:rows]).any(dim=1).all()  # every row was redrawn and relearned
+    assert all(torch.equal(before[k], after[k]) for k in before if k != emb)  # the body, bit for bit
+    # The corpus: the xd documents holding 300 tokens, 7 blocks of 32 under the final tokenizer, trained on for
+    # 6000 / (4 x 32) = 47 steps.
+    assert metrics["corpus_tokens"] == 7 * 32 and metrics["max_steps"] == 47 and metrics["epochs"] > 1
+    curve = dict(metrics["val_curve"])
+    assert sorted(curve) == [5, 10, 15, 20, 25, 30, 35, 40, 45, 47]
+    assert metrics["best_val_loss"] == min(curve.values()) and curve[metrics["best_step"]] == metrics["best_val_loss"]
+    assert metrics["best_step"] < 47
+    # The saved weights are the best step's: their validation loss is the best one, not the last one.
+    from afpt.data import load_corpus, pack_corpus
+
+    corpus = load_corpus(cfg.data, ["xd"])
+    _, val = pack_corpus(corpus, new_tok, 32, cfg.data.max_val_blocks)
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        losses = [model(input_ids=b["input_ids"][None], labels=b["input_ids"][None]).loss for b in val["xd"]]
+    assert float(torch.stack(losses).mean()) == pytest.approx(metrics["best_val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["adapt.tokenizer=swap"], "adapt.tokenizer='swap' is unknown"),
+        (["adapt.reinit=some"], "adapt.reinit='some' is unknown"),
+        (["adapt.tokenizer=replace"], "adapt.tokenizer=replace needs adapt.reinit=all_rows"),
+        (["adapt.reinit=all_rows"], "adapt.reinit=all_rows with adapt.policy=new_rows_and_head"),
+        (["adapt.corpus_tokens=0"], "adapt.corpus_tokens must be null or a positive number of tokens, got 0"),
+    ],
+)
+def test_protocol_bad_input(tmp_path, base_model, overrides, message):
+    out = tmp_path / "adapt"
+    with pytest.raises(AfptError, match=message):
+        adapt.run(compose_config(out, ["stage=adapt", f"init_from={base_model}", *overrides]))
+    assert not (out / "model").exists()

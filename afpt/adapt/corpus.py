@@ -44,7 +44,7 @@ def documents_within(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, tokens_
     for lang, ds in corpus.train.items():
         total, n = 0, 0
         for start in range(0, len(ds), 256):
-            texts = ds.select(range(start, min(start + 256, len(ds))))["text"]
+            texts = list(ds.select(range(start, min(start + 256, len(ds))))["text"])
             for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
                 if total >= tokens_per_language:
                     break

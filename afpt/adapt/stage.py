@@ -164,8 +164,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.validate(module, datamodule=datamodule, verbose=False)  # the last step, if no check fell on it
     if a.keep_best:
         best.restore(module)
-    chars = sum(len(t) for lang in langs for t in corpus.validation[lang]["text"])
-    tokens = sum(len(ids) for lang in langs for ids in tokenizer(corpus.validation[lang]["text"])["input_ids"])
+    val_texts = [t for lang in langs for t in corpus.validation[lang]["text"]]
+    tokens_per_char = sum(map(len, tokenizer(val_texts)["input_ids"])) / max(1, sum(map(len, val_texts)))
 
     changed = changed_frozen(model, snapshot, n_old)
     if changed:
@@ -183,7 +183,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "corpus_tokens": unique,
         "epochs": round(trainer.global_step * tokens_per_step / unique, 2),
         "val_curve": best.curve,
-        "val_tokens_per_char": tokens / max(1, chars),
+        "val_tokens_per_char": tokens_per_char,
         "best_step": best.best_step,
         "best_val_loss": best.best_loss,
         "kept": "best" if a.keep_best else "last",
