@@ -196,7 +196,7 @@ def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
     head = None if head_module is None else head_module.weight
     for param in model.parameters():
         param.requires_grad_(policy == "full")
-    if policy in ("new_rows_and_head", "embeddings"):
+    if policy in ("new_rows_and_head", "embeddings", "embeddings_and_head"):
         embedding.requires_grad_(True)
     if policy in ("new_rows_and_head", "embeddings_and_head") and head is not None:
         head.requires_grad_(True)
