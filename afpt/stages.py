@@ -27,6 +27,7 @@ STAGES = {
     "prepare": "afpt.data.stage",
     "pretrain": "afpt.pretrain.stage",
     "adapt": "afpt.adapt.stage",
+    "splice": "afpt.adapt.splice",
     "instruct": "afpt.instruct.stage",
     "generate": "afpt.instruct.generate",
     "evaluate": "afpt.evaluate.stage",

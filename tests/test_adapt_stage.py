@@ -224,3 +224,55 @@ def test_protocol_bad_input(tmp_path, base_model, overrides, message):
     with pytest.raises(AfptError, match=message):
         adapt.run(compose_config(out, ["stage=adapt", f"init_from={base_model}", *overrides]))
     assert not (out / "model").exists()
+
+
+def test_splice_joins_an_english_tuned_body_with_relearned_embeddings(tmp_path):
+    import afpt.instruct.stage as instruct
+    from afpt.adapt import splice
+    from safetensors.torch import load_file
+
+    pretrain.run(
+        compose_config(
+            tmp_path / "pre", ["forgetting=none", "trainer.max_steps=4", "model.max_position_embeddings=256"]
+        )
+    )
+    base_model = tmp_path / "pre" / "model"
+    body_dir, vocab_dir, out = tmp_path / "instruct", tmp_path / "relearn", tmp_path / "splice"
+    instruct.run(
+        compose_config(
+            body_dir,
+            ["stage=instruct", f"init_from={base_model}", "instruct.freeze_embeddings=true", "instruct.epochs=1"]
+            + ["instruct.eval_questions=0", "instruct.max_length=256"],
+        )
+    )
+    adapt.run(
+        compose_config(
+            vocab_dir,
+            ["stage=adapt", f"init_from={base_model}", "adapt.languages=[xd]", "adapt.tokenizer=replace"]
+            + ["adapt.reinit=all_rows", "adapt.policy=embeddings", "adapt.vocab_size=400", "adapt.token_budget=640"]
+            + ["adapt.eval_docs=4"],
+        )
+    )
+    base, body = load_file(base_model / "model.safetensors"), load_file(body_dir / "model" / "model.safetensors")
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(base[emb], body[emb])  # frozen through instruction tuning
+    assert any(not torch.equal(base[k], body[k]) for k in base if k != emb)  # while the body learned
+    metrics = splice.run(
+        compose_config(
+            out, ["stage=splice", f"init_from={vocab_dir / 'model'}", f"splice.body_from={body_dir / 'model'}"]
+        )
+    )
+    vocab, spliced = (
+        load_file(vocab_dir / "model" / "model.safetensors"),
+        load_file(out / "model" / "model.safetensors"),
+    )
+    assert torch.equal(spliced[emb], vocab[emb]) and metrics["vocab_size"] == 400
+    assert all(torch.equal(spliced[k], body[k]) for k in body if k != emb)
+    assert (
+        AutoTokenizer.from_pretrained(out / "model").get_vocab()
+        == AutoTokenizer.from_pretrained(vocab_dir / "model").get_vocab()
+    )
+    model = AutoModelForCausalLM.from_pretrained(out / "model")  # loads as a plain HF model, tied as before
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    with pytest.raises(AfptError, match="splice needs splice.body_from"):
+        splice.run(compose_config(tmp_path / "x", ["stage=splice", f"init_from={vocab_dir / 'model'}"]))

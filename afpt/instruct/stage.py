@@ -21,6 +21,7 @@ from afpt.instruct.chat import (
     ensure_chatml,
 )
 from afpt.io import write_json
+from afpt.adapt.splice import vocabulary_parameters
 from afpt.models import check_model_dir, load_model, save_model_dir
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.throughput import throughput_summary
@@ -49,6 +50,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(source)
     model = load_model(source)
     added = ensure_chatml(tokenizer, model, cfg.seed)
+    if i.freeze_embeddings:  # Chen et al.'s English task tuning: the body learns, the embeddings (and head) stay
+        for param in vocabulary_parameters(model):
+            param.requires_grad_(False)
     max_length = i.max_length or model.config.max_position_embeddings
     train, overflow_train = encode_all(tokenizer, train_convs, max_length, i.overflow, i.train_on_prompt)
     val, overflow_val = encode_all(tokenizer, heldout_convs, max_length, i.overflow, False)
