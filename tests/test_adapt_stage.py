@@ -227,9 +227,10 @@ def test_protocol_bad_input(tmp_path, base_model, overrides, message):
 
 
 def test_splice_joins_an_english_tuned_body_with_relearned_embeddings(tmp_path):
+    from safetensors.torch import load_file
+
     import afpt.instruct.stage as instruct
     from afpt.adapt import splice
-    from safetensors.torch import load_file
 
     pretrain.run(
         compose_config(

@@ -76,9 +76,10 @@ def test_swapped_positions_send_no_gradient_to_their_stored_row():
 def test_swap_resumes_bit_exactly(tmp_path):
     import shutil
 
-    import afpt.pretrain.stage as pretrain
     from helpers import compose_config
     from safetensors.torch import load_file
+
+    import afpt.pretrain.stage as pretrain
 
     common = [
         "forgetting=probabilistic_temporary",

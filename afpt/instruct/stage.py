@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
+from afpt.adapt.splice import vocabulary_parameters
 from afpt.data import DataError, load_tokenizer
 from afpt.errors import AfptError, check_number
 from afpt.instruct.chat import (
@@ -21,7 +22,6 @@ from afpt.instruct.chat import (
     ensure_chatml,
 )
 from afpt.io import write_json
-from afpt.adapt.splice import vocabulary_parameters
 from afpt.models import check_model_dir, load_model, save_model_dir
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.throughput import throughput_summary
