@@ -127,6 +127,69 @@ def test_forgetting_none_ignores_the_k_an_experiment_sets(tmp_path, caplog):
 
 
 @pytest.mark.slow
+def world_corpus(corpus: Path, cfg) -> Path:
+    """World text in the man-page corpus's file layout (experiment=real_text's files), with instructions."""
+    world = world_from_config(cfg.data.world)
+    docs = {
+        code: {part: world.documents(code, part, n) for part, n in (("train", 150), ("validation", 20))}
+        for code in ("en", "xa", "xd")
+    }
+    for i, lang in enumerate(cfg.data.files):
+        for part, chunk in docs[["en", "xa", "xd"][i % 3]].items():
+            (corpus / lang).mkdir(parents=True, exist_ok=True)
+            (corpus / lang / f"{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in chunk))
+    chats = [{"messages": m} for m in world_conversations(world, 0.1)[0][:40]]
+    (corpus / "instruct.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return corpus
+
+
+def plasticity_cell(tmp_path: Path) -> None:
+    """experiment=plasticity's runs, as plasticity.sh names them, on world text: then its report."""
+    import subprocess
+    import sys
+
+    import afpt.adapt.stage as adapt
+    import afpt.pretrain.stage as pretrain
+
+    cfg = compose_config(tmp_path, ["experiment=plasticity"], tiny=False)
+    assert cfg.forgetting.episode_lr and cfg.trainer.max_steps // cfg.forgetting.every_n_steps >= 20
+    assert cfg.adapt.corpus_tokens and cfg.pipeline.instruct is False
+    chen = compose_config(tmp_path, ["experiment=plasticity", "adapt=chen"], tiny=False).adapt
+    assert (chen.tokenizer, chen.reinit, chen.keep_best) == ("replace", "all_rows", True)
+    corpus = world_corpus(tmp_path / "corpus", compose_config(tmp_path, ["experiment=plasticity"]))
+    runs = tmp_path / "runs"
+    common = ["experiment=plasticity", f"corpus_dir={corpus}", "model=tiny", "trainer.max_steps=8"]
+    common += [
+        "trainer.val_check_interval=4",
+        "data.block_size=64",
+        "data.batch_size=4",
+        "data.tokenizer.sample_docs=50",
+    ]
+    for arm, forgetting in (("base", "forgetting=none"), ("k2", "forgetting.every_n_steps=2")):
+        pre = runs / f"pre_llama_6m_{arm}_s0"
+        pretrain.run(compose_config(pre, [*common, forgetting]))
+        for protocol, group in (("chen", "adapt=chen"), ("afa", "adapt=default")):
+            adapt.run(
+                compose_config(
+                    runs / f"ada_llama_6m_{arm}_s0_{protocol}_2000",
+                    [*common, "stage=adapt", group, f"init_from={pre / 'model'}", "adapt.corpus_tokens=2000"]
+                    + [
+                        "adapt.token_budget=2560",
+                        "adapt.val_every_n_steps=4",
+                        "adapt.eval_docs=4",
+                        "adapt.vocab_size=600",
+                    ],
+                )
+            )
+    report = Path(__file__).parents[1] / "experiments" / "plasticity_report.py"
+    done = subprocess.run([sys.executable, report, runs, "--out", tmp_path / "report"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| llama_6m | k2 | 3 | 1 |" in text  # the gate row: 3 resets in 8 steps at K=2
+    assert "| llama_6m | chen | 2,000 | k2 | 1 |" in text and "| llama_6m | afa | 2,000 | k2 | 1 |" in text
+    assert (tmp_path / "report" / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize(
     "name", sorted(p.stem for p in (Path(afpt.conf.__file__).parent / "experiment").glob("*.yaml"))
 )
@@ -167,18 +230,7 @@ def test_every_experiment_config_runs(tmp_path, name):
         new = list(cfg.data.new_languages)
         assert set(new).isdisjoint(cfg.data.languages or []) and set(new) <= set(cfg.data.files)
         assert cfg.evaluate.heldout.files == cfg.data.validation_files and cfg.instruct.source == "dataset"
-        corpus = tmp_path / "corpus"
-        world = world_from_config(cfg.data.world)
-        docs = {
-            code: {part: world.documents(code, part, n) for part, n in (("train", 150), ("validation", 20))}
-            for code in ("en", "xa", "xd")
-        }
-        for i, lang in enumerate(cfg.data.files):
-            for part, chunk in docs[["en", "xa", "xd"][i % 3]].items():
-                (corpus / lang).mkdir(parents=True, exist_ok=True)
-                (corpus / lang / f"{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in chunk))
-        chats = [{"messages": m} for m in world_conversations(world, 0.1)[0][:40]]
-        (corpus / "instruct.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+        corpus = world_corpus(tmp_path / "corpus", cfg)
         fast = [o for o in FAST_STUDY if not o.startswith("evaluate.world_tasks")]
         out = pipeline.run(
             compose_config(
@@ -199,6 +251,8 @@ def test_every_experiment_config_runs(tmp_path, name):
         )
         assert {f"af/adapt/{lang}/ppl_char" for lang in new} <= set(out)
         assert "af/retention/en/instructed" in out
+    elif name == "plasticity":
+        plasticity_cell(tmp_path)
     else:
         cfg = compose_config(tmp_path, [f"experiment={name}"])
         assert cfg.stage.name == "pipeline"
