@@ -29,9 +29,9 @@ export corpus out
 jobs=()
 for model in ${MODELS:-llama_6m llama_20m}; do
   for seed in ${SEEDS:-0 1 2}; do
-    jobs+=("pre_${model}_base_s$seed model=$model seed=$seed forgetting=none")
+    jobs+=("pre_${model}_base_s$seed stage=pretrain model=$model seed=$seed forgetting=none")
     for k in ${KS:-20 40}; do
-      jobs+=("pre_${model}_k${k}_s$seed model=$model seed=$seed forgetting.every_n_steps=$k")
+      jobs+=("pre_${model}_k${k}_s$seed stage=pretrain model=$model seed=$seed forgetting.every_n_steps=$k")
     done
   done
 done
