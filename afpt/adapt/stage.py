@@ -106,10 +106,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         base, corpus, run_dir / "tokenizer", a.tokenizer, target, a.tokenizer_sample_docs, a.corpus_tokens
     )
     model = load_model(source)
-    if replace and not is_tied(model) and a.policy in ("new_rows_and_head", "embeddings"):
+    if a.reinit == "all_rows" and not is_tied(model) and a.policy == "embeddings":
         raise AfptError(
-            f"adapt.tokenizer=replace with adapt.policy={a.policy} would keep {source}'s untied output head, whose "
-            "rows belong to the old vocabulary; use adapt.policy=embeddings_and_head (or full)"
+            f"adapt.reinit=all_rows with adapt.policy=embeddings would freeze {source}'s untied output head after "
+            "redrawing it; use adapt.policy=embeddings_and_head (or full)"
         )
     block = cfg.data.block_size
     # Scored as the evaluate stage scores held-out text (its context and batch), so "after" here is the adapted
