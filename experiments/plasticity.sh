@@ -3,8 +3,8 @@
 # forgetting and with forgetting at every K, adapt every pretrained model under both protocols (chen, afa) at
 # every corpus budget, JOBS runs at a time on one GPU (eager, one CPU thread each), then the report.
 #   experiments/plasticity.sh OUT_DIR
-# Read from the environment: MODELS (default "llama_6m llama_20m"), KS ("20 40"), SEEDS ("0 1 2"),
-# BUDGETS (unique adaptation tokens, "500000 2000000"), JOBS (14), CORPUS (experiments/data/manpages),
+# Read from the environment: MODELS (default "llama_6m llama_20m"), KS ("120 240"), SEEDS ("0 1 2"),
+# BUDGETS (unique adaptation tokens, "500000 2000000"), JOBS (16), CORPUS (experiments/data/manpages),
 # TRAINER ("trainer=gpu") and EXTRA (more overrides for every run). A finished run (metrics.json) is skipped.
 set -uo pipefail
 out=$(realpath -m "$1")
@@ -30,12 +30,12 @@ jobs=()
 for model in ${MODELS:-llama_6m llama_20m}; do
   for seed in ${SEEDS:-0 1 2}; do
     jobs+=("pre_${model}_base_s$seed stage=pretrain model=$model seed=$seed forgetting=none")
-    for k in ${KS:-20 40}; do
+    for k in ${KS:-120 240}; do
       jobs+=("pre_${model}_k${k}_s$seed stage=pretrain model=$model seed=$seed forgetting.every_n_steps=$k")
     done
   done
 done
-printf '%s\n' "${jobs[@]}" | xargs -P "${JOBS:-14}" -I{} bash -c 'run {}'
+printf '%s\n' "${jobs[@]}" | xargs -P "${JOBS:-16}" -I{} bash -c 'run {}'
 
 jobs=()
 for pre in runs/pre_*/; do
@@ -49,5 +49,5 @@ for pre in runs/pre_*/; do
     done
   done
 done
-printf '%s\n' "${jobs[@]}" | xargs -P "${JOBS:-14}" -I{} bash -c 'run {}'
+printf '%s\n' "${jobs[@]}" | xargs -P "${JOBS:-16}" -I{} bash -c 'run {}'
 python3 "$here/plasticity_report.py" "$out/runs" --out "$out/report"

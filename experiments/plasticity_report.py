@@ -4,13 +4,15 @@ protocols, steps to the baseline's loss, and the validation curves per character
     python3 experiments/plasticity_report.py OUT_DIR/runs --out OUT_DIR/report
 
 Reads ``pre_<model>_<arm>_s<seed>/`` (arm: ``base`` or ``k<K>``) and ``ada_<model>_<arm>_s<seed>_<protocol>_<budget>/``
-and writes ``report.md`` and ``curves.png``. Differences are paired by seed (the baseline of the same seed);
+and writes ``report.md``, ``curves.png`` and ``runs.csv`` (one row per finished run, the numbers the tables use). Differences are paired by seed (the baseline of the same seed);
 "SE units" is the mean difference over its standard error.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import re
@@ -23,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from afpt.io import read_metric  # noqa: E402
+from afpt.io import atomic_write, read_metric, write_text  # noqa: E402
 
 PRE = re.compile(r"^pre_(?P<model>[a-z0-9]+_[a-z0-9]+)_(?P<arm>base|k\d+)_s(?P<seed>\d+)$")
 ADA = re.compile(
@@ -68,8 +70,57 @@ def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, value in curve if value <= target), None)
 
 
+def run_rows(pre: dict, ada: dict) -> list[dict]:
+    """One row per finished run: its cell, seed and the numbers the report's tables are made of."""
+    rows = []
+    for (model, arm), seeds in pre.items():
+        for seed, (m, _) in sorted(seeds.items()):
+            if m:
+                rows.append(
+                    {
+                        "stage": "pretrain",
+                        "model": model,
+                        "arm": arm,
+                        "seed": seed,
+                        "resets": len(m["resets"]),
+                        "steps": m["global_step"],
+                        "val_loss": round(m["val/loss"], 4),
+                        "train_time_s": m.get("train_time_s"),
+                    }
+                )
+    for (model, arm, protocol, budget), seeds in ada.items():
+        for seed, m in sorted(seeds.items()):
+            if m:
+                rows.append(
+                    {
+                        "stage": "adapt",
+                        "model": model,
+                        "arm": arm,
+                        "seed": seed,
+                        "protocol": protocol,
+                        "corpus_tokens": budget,
+                        "steps": m["global_step"],
+                        "ppl_char_after": round(statistics.fmean(v["ppl_char"] for v in m["after"].values()), 4),
+                        "best_step": m["best_step"],
+                        "best_val_loss": round(m["best_val_loss"], 4),
+                        "train_time_s": m.get("train_time_s"),
+                    }
+                )
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """``rows`` as a CSV file with the union of their keys as columns, written atomically."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
 def main() -> None:
-    """Write report.md and curves.png."""
+    """Write report.md, curves.png and runs.csv."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
     parser.add_argument("--out", type=Path, required=True)
@@ -136,7 +187,9 @@ def main() -> None:
         lines.append(
             f"| {model} | {protocol} | {budget:,} | {arm} | {len(ppl)} | {stats(list(ppl.values()))} | "
             f"{stats([bppl[s] for s in ppl if s in bppl])} | {paired(diffs)} | {reached} (never: {never}) | "
-            f"{stats([float(m['best_step']) for m in base.values()])} |"
+            f"{statistics.fmean(m['best_step'] for m in base.values()):.0f} |"
+            if base
+            else "– |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     panels = sorted(curves)
@@ -156,9 +209,10 @@ def main() -> None:
         for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(args.out / "curves.png", dpi=110)
+        atomic_write(args.out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         lines += ["", "![validation curves per character](curves.png)"]
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    write_csv(run_rows(pre, ada), args.out / "runs.csv")
+    write_text(args.out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

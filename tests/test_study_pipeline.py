@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -188,6 +189,13 @@ def plasticity_cell(tmp_path: Path) -> None:
     assert "| llama_6m | k2 | 3 | 1 |" in text  # the gate row: 3 resets in 8 steps at K=2
     assert "| llama_6m | chen | 2,000 | k2 | 1 |" in text and "| llama_6m | afa | 2,000 | k2 | 1 |" in text
     assert (tmp_path / "report" / "curves.png").read_bytes().startswith(b"\x89PNG")
+    rows = list(csv.DictReader((tmp_path / "report" / "runs.csv").open()))
+    assert len(rows) == 6  # 2 pretraining runs, 2 arms x 2 protocols of adaptation
+    k2 = next(r for r in rows if r["stage"] == "pretrain" and r["arm"] == "k2")
+    assert k2["resets"] == "3" and float(k2["val_loss"]) == pytest.approx(
+        json.loads((runs / "pre_llama_6m_k2_s0" / "metrics.json").read_text())["val/loss"], abs=1e-4
+    )
+    assert {r["protocol"] for r in rows if r["stage"] == "adapt"} == {"chen", "afa"}
 
 
 @pytest.mark.parametrize(
