@@ -184,12 +184,10 @@ def main() -> None:
                 reach.append(step) if step is not None else None
                 never += step is None
         reached = f"{statistics.fmean(reach):.0f}" if reach else "–"
+        best = f"{statistics.fmean(m['best_step'] for m in base.values()):.0f}" if base else "–"
         lines.append(
             f"| {model} | {protocol} | {budget:,} | {arm} | {len(ppl)} | {stats(list(ppl.values()))} | "
-            f"{stats([bppl[s] for s in ppl if s in bppl])} | {paired(diffs)} | {reached} (never: {never}) | "
-            f"{statistics.fmean(m['best_step'] for m in base.values()):.0f} |"
-            if base
-            else "– |"
+            f"{stats([bppl[s] for s in ppl if s in bppl])} | {paired(diffs)} | {reached} (never: {never}) | {best} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     panels = sorted(curves)
