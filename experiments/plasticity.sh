@@ -5,7 +5,9 @@
 #   experiments/plasticity.sh OUT_DIR
 # Read from the environment: MODELS (default "llama_6m llama_20m"), KS ("120 240"), SEEDS ("0 1 2"),
 # BUDGETS (unique adaptation tokens, "500000 2000000"), JOBS (16), CORPUS (experiments/data/manpages),
-# TRAINER ("trainer=gpu") and EXTRA (more overrides for every run). A finished run (metrics.json) is skipped.
+# TRAINER ("trainer=gpu"), EXTRA (more overrides for every run), and BASE_EXTRA / AF_EXTRA (overrides for the
+# baseline's / the forgetting arms' pretraining only, e.g. AF_EXTRA=optim.grad_clip=0.5).
+# A finished run (metrics.json) is skipped.
 set -uo pipefail
 out=$(realpath -m "$1")
 corpus=$(realpath "${CORPUS:-experiments/data/manpages}")
@@ -29,9 +31,9 @@ export corpus out
 jobs=()
 for model in ${MODELS:-llama_6m llama_20m}; do
   for seed in ${SEEDS:-0 1 2}; do
-    jobs+=("pre_${model}_base_s$seed stage=pretrain model=$model seed=$seed forgetting=none")
+    jobs+=("pre_${model}_base_s$seed stage=pretrain model=$model seed=$seed forgetting=none ${BASE_EXTRA:-}")
     for k in ${KS:-120 240}; do
-      jobs+=("pre_${model}_k${k}_s$seed stage=pretrain model=$model seed=$seed forgetting.every_n_steps=$k")
+      jobs+=("pre_${model}_k${k}_s$seed stage=pretrain model=$model seed=$seed forgetting.every_n_steps=$k ${AF_EXTRA:-}")
     done
   done
 done
