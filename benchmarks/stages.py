@@ -19,6 +19,10 @@ steady rate. Prints a table and writes the rows as JSON to ``--out`` (default: $
     python benchmarks/stages.py --models llama_124m mistral_400m --steps 200 --batch 64
     python benchmarks/stages.py --steps 120 --instruct-variants "turns=400" "instruct.pin_memory=true"
     python benchmarks/stages.py --models mistral_400m --steps 120 --no-instruct --profile
+    python benchmarks/stages.py --steps 100 --step-times --host-profile 60 20 --instruct-variants "instruct.pin_memory=false"
+
+``--step-times`` adds every instruct step's host wall time (ms) to its row (``step_ms_each``); ``--host-profile START
+N`` writes a cProfile of instruct steps [START, START+N) of each instruct run to ``--out`` (``hostprof-<run>.txt``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from diagnostics import read_step_times
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
@@ -91,10 +96,14 @@ def measure(
     save: Callable[[list[dict]], None] = lambda rows: None,
     instruct_variants: tuple[str, ...] = (),
     instruct_runs: bool = True,
+    step_times: bool = False,
+    host_profile: tuple[int, int] | None = None,
+    out: str | None = None,
 ) -> list[dict]:
     """Pretrain, adapt, then instruction-tune ``model`` (once, then once per ``instruct_variants`` entry); one
     row per run (``profile``: with its kernel split), handed to ``save`` as each run ends, so a run cut off
-    keeps what it measured. ``instruct_runs=False`` stops after adaptation."""
+    keeps what it measured. ``instruct_runs=False`` stops after adaptation; ``step_times`` and ``host_profile``
+    (start, steps) add ``diagnostics``' callbacks to the instruct runs (the profile is written to ``out``)."""
     run = steps + PROFILE_EXTRA_STEPS if profile else steps
     common = [
         f"model={model}",
@@ -115,10 +124,14 @@ def measure(
 
     def run_stage(stage: str, runner: Callable[[object], dict], cfg, run_dir: str) -> None:
         cfg = with_profile(cfg, steps, run_dir) if profile else cfg
+        if stage.startswith("instruct"):
+            cfg = with_diagnostics(cfg, run_dir, step_times, host_profile, out, f"{model}_{len(rows)}")
         torch._dynamo.reset()
         start = time.perf_counter()
         metrics = runner(cfg)
         rows.append(row(model, stage, metrics, time.perf_counter() - start))
+        if times := read_step_times(Path(run_dir) / "step_times.json"):
+            rows[-1]["step_ms_each"] = times
         if profile:
             rows[-1]["profile"] = json.loads((Path(run_dir) / "profile.json").read_text())
         measured = rows[-1]["tokens_per_s" if stage == "adapt" else "real_tokens_per_s"]
@@ -171,6 +184,22 @@ def measure(
     return rows
 
 
+def with_diagnostics(cfg, run_dir: str, step_times: bool, host_profile, out: str | None, tag: str):
+    """``cfg`` with the ``diagnostics`` callbacks asked for: step times into ``run_dir``, the host profile of
+    ``host_profile`` = (start, steps) into ``out``."""
+    with open_dict(cfg):
+        if step_times:
+            cfg.callbacks.step_times = {"_target_": "diagnostics.StepTimes", "path": f"{run_dir}/step_times.json"}
+        if host_profile:
+            cfg.callbacks.host_profile = {
+                "_target_": "diagnostics.HostProfile",
+                "path": str(Path(out or run_dir) / f"hostprof-{tag}.txt"),
+                "start": host_profile[0],
+                "n": host_profile[1],
+            }
+    return cfg
+
+
 def row(model: str, stage: str, metrics: dict, wall: float) -> dict:
     """One table row from a stage's metrics."""
     throughput = metrics.get("throughput", {})
@@ -210,10 +239,22 @@ def main() -> None:
         default=[],
         help='more instruct runs of the adapted model, each "OVERRIDE ..." (turns=N: most turns in its conversations)',
     )
+    parser.add_argument("--step-times", action="store_true", help="every instruct step's host wall time in its row")
+    parser.add_argument(
+        "--host-profile",
+        nargs=2,
+        type=int,
+        metavar=("START", "N"),
+        help="cProfile instruct steps [START, START+N) into --out/hostprof-<run>.txt",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
-    if args.no_instruct and args.instruct_variants:
-        parser.error("--instruct-variants runs instruct, which --no-instruct leaves out: give one of them")
+    if args.no_instruct and (args.instruct_variants or args.step_times or args.host_profile):
+        parser.error(
+            "--instruct-variants, --step-times and --host-profile need instruct, which --no-instruct leaves out"
+        )
+    if args.host_profile and (args.host_profile[0] < 0 or args.host_profile[1] < 1):
+        parser.error(f"--host-profile START N: START >= 0 and N >= 1, got {args.host_profile}")
     for variant in args.instruct_variants:
         try:
             split_variant(variant, args.max_turns)
@@ -235,6 +276,9 @@ def main() -> None:
             save=lambda measured, before=list(rows): write_record(out, args, before + measured),
             instruct_variants=tuple(args.instruct_variants),
             instruct_runs=not args.no_instruct,
+            step_times=args.step_times,
+            host_profile=tuple(args.host_profile) if args.host_profile else None,
+            out=args.out,
         )
     columns = ["model", "stage", "steps", "tokens_per_s", "real_tokens_per_s", "padding_fraction", "step_ms"]
     print_table(rows, [*columns, "x_pretrain", "recompiles_after_warmup", "steady_windows"])

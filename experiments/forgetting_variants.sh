@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The forgetting-variants sweep of experiments/forgetting_variants.md as parallel single jobs, one CPU
+# The forgetting-variants sweep of experiments/README.md ("forgetting_variants") as parallel single jobs, one CPU
 # thread each: the same jobs as
 #   afpt -m stage=pipeline forgetting=every_k,temporary,partial,bernoulli seed=0,1,2 pipeline.instruct=false
 # on a machine with >= 12 cores. Usage: experiments/forgetting_variants.sh OUT_DIR [extra overrides...]

@@ -72,3 +72,49 @@ def test_stages_without_instruct_measures_pretraining_and_adaptation_only(tmp_pa
     assert [row["stage"] for row in rows] == ["pretrain", "adapt"]
     assert rows[1]["x_pretrain"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
     assert "| tiny | adapt |" in result.stdout and "instruct" not in result.stdout
+
+
+@pytest.mark.slow
+def test_stages_diagnostics_time_every_instruct_step_and_profile_the_host(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "stages.py"), "--models", "tiny", "--steps", "10", "--batch", "4"]
+        + ["--seq", "64", "--max-turns", "4", "--step-times", "--host-profile", "2", "3", "--out", str(tmp_path)]
+        + ["--instruct-variants", "instruct.pad_to_multiple_of=64"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "stages-cpu.json").read_text())["rows"]
+    assert [row["stage"] for row in rows] == [
+        "pretrain",
+        "adapt",
+        "instruct",
+        "instruct instruct.pad_to_multiple_of=64",
+    ]
+    assert "step_ms_each" not in rows[0] and "step_ms_each" not in rows[1]
+    for row in rows[2:]:
+        # one time per step after the first, each a positive host wall time
+        assert len(row["step_ms_each"]) == row["steps"] - 1 and all(t > 0 for t in row["step_ms_each"])
+    profiles = sorted(tmp_path.glob("hostprof-*.txt"))
+    assert [p.name for p in profiles] == ["hostprof-tiny_2.txt", "hostprof-tiny_3.txt"]
+    assert all(p.read_text().startswith("3 steps from 2: wall ") for p in profiles)
+    assert "function calls" in profiles[0].read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--no-instruct", "--step-times"], "need instruct, which --no-instruct leaves out"),
+        (["--host-profile", "2", "0"], "--host-profile START N: START >= 0 and N >= 1"),
+    ],
+)
+def test_stages_refuses_diagnostics_it_cannot_run(tmp_path, args, message):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "stages.py"), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
