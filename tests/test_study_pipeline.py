@@ -198,8 +198,16 @@ def plasticity_cell(tmp_path: Path) -> None:
     assert {r["protocol"] for r in rows if r["stage"] == "adapt"} == {"chen", "afa"}
 
 
+# The end-to-end studies (pretrain, adapt and more on CPU, 15-50 s each) run with the slow tests.
+STUDIES = {"world_study", "real_text", "plasticity"}
+
+
 @pytest.mark.parametrize(
-    "name", sorted(p.stem for p in (Path(afpt.conf.__file__).parent / "experiment").glob("*.yaml"))
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in STUDIES else name
+        for name in sorted(p.stem for p in (Path(afpt.conf.__file__).parent / "experiment").glob("*.yaml"))
+    ],
 )
 def test_every_experiment_config_runs(tmp_path, name):
     """Each experiment composes; a fast run exercises it (the paper one pretrains on the world, on CPU)."""

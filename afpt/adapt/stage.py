@@ -146,7 +146,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         train_blocks,
         val_blocks,
         batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.get("eval_batch_size"),
+        eval_batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers,
         pin_memory=cfg.data.pin_memory,
         seed=cfg.seed,

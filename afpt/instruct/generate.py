@@ -15,7 +15,7 @@ from afpt.models import check_model_dir, load_model
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Answer ``prompt`` (with an optional ``stage.system`` message) and print the reply."""
-    init_from = cfg.get("init_from") or cfg.model.get("init_from")
+    init_from = cfg.init_from
     if not init_from or not cfg.get("prompt"):
         raise AfptError('stage=generate needs init_from=<model dir> and prompt="..."')
     check_model_dir(init_from)

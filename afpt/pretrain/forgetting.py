@@ -1,169 +1,98 @@
 """Active forgetting: periodic re-initialisation of the token embeddings (Chen et al. 2023).
 
 The callback works on any LightningModule whose model exposes ``get_input_embeddings()``, on the
-module itself or on its ``.model`` attribute. The pure functions below do the work and can be used
-without Lightning.
+module itself or on its ``.model`` attribute. The pure functions below (and ``afpt.pretrain.rows``) do the
+work and can be used without Lightning. ``ActiveForgetting`` schedules the resets and delegates: the rows to
+a row selection (``rows.py``), the episode learning rate and the saved episodes to ``episodes.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import nn
 
 from afpt.errors import AfptError
-from afpt.models import find_model, is_tied, save_model_dir
-from afpt.pretrain.schedule import DECAYS, episode_step, lr_factor
-from afpt.speed.distributed import (
-    assign_full,
-    full_model_state_dict,
-    full_parameters,
-    full_value,
-    layout,
-    local,
-    local_rows,
-    verify_reset,
+from afpt.models import find_model, is_tied
+from afpt.pretrain.episodes import EpisodeLearningRate, EpisodeSaver, embedding_param_group
+from afpt.pretrain.reinit import (
+    HEAD_POLICIES,
+    INITS,
+    MEAN_STD_SCOPES,
+    EmbeddingReset,
+    reinitialize_,
+    reset_optimizer_state_,
 )
+from afpt.pretrain.rows import reset_optimizer_rows_, reset_rows, row_selection
+from afpt.pretrain.schedule import DECAYS
+from afpt.pretrain.seeding import reset_seed
+from afpt.speed.distributed import layout
 from afpt.speed.timing import HostCopy, ResetTimer, settle, step_loss
 
-INITS = ("normal", "mean_std")
-MEAN_STD_SCOPES = ("matrix", "dim")
-HEAD_POLICIES = ("auto", "always", "never")
-RESET_NAMES = ("embedding", "head_weight", "head_bias")
+__all__ = [
+    "ActiveForgetting",
+    "ForgettingOptions",
+    "find_model",
+    "reinitialize_",
+    "reset_optimizer_rows_",
+    "reset_optimizer_state_",
+    "reset_rows",
+    "reset_seed",
+]
 
 
-def reset_seed(seed: int, reset_index: int, name: str) -> int:
-    """A 63-bit seed that depends only on (seed, reset index, tensor name): same on every rank."""
-    digest = hashlib.sha256(f"afpt-reset:{seed}:{reset_index}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+@dataclass(frozen=True)
+class ForgettingOptions:
+    """``ActiveForgetting``'s options, each checked once: one clear error naming the ``forgetting.*`` key."""
 
+    every_n_steps: int
+    init: str = "normal"
+    std: float | None = None
+    head: str = "auto"
+    episode_warmup_fraction: float = 0.1
+    episode_decay: str = "linear"
+    stop_after_steps: int | None = None
+    fraction: float = 1.0
+    row_probability: float | None = None
+    mean_std_scope: str = "matrix"
 
-@torch.no_grad()
-def reinitialize_(
-    weight: torch.Tensor,
-    generator: torch.Generator,
-    init: str = "normal",
-    std: float = 0.02,
-    pad_token_id: int | None = None,
-    mean_std_scope: str = "matrix",
-) -> None:
-    """Overwrite ``weight`` in place with fresh values; the padding row, if given, becomes zero.
+    def __post_init__(self) -> None:
+        def positive_int(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, int) and value > 0
 
-    ``normal`` draws N(0, std); ``mean_std`` draws from the current mean and std: one scalar pair over the
-    whole matrix (``mean_std_scope="matrix"``, Chen et al.'s code) or one pair per dimension (``"dim"``).
-    """
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-    if mean_std_scope not in MEAN_STD_SCOPES:
-        raise ValueError(f"unknown mean_std_scope {mean_std_scope!r}; expected one of {MEAN_STD_SCOPES}")
-    noise = torch.randn(weight.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    noise = noise.to(weight.device)
-    if init == "normal":
-        values = noise * std
-    elif mean_std_scope == "matrix":
-        current = weight.float()
-        values = current.mean() + current.std() * noise
-    else:
-        current = weight.float()
-        values = current.mean(dim=0) + current.std(dim=0) * noise
-    if pad_token_id is not None and weight.dim() == 2:
-        values[pad_token_id] = 0
-    weight.copy_(values)
+        def share(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= 1
 
-
-@torch.no_grad()
-def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-    """Zero every state entry (moments and step) of exactly ``params``, keeping tensors in place."""
-    for param in params:
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                value.zero_()
-            elif isinstance(value, (int, float)):
-                state[key] = type(value)(0)
-
-
-def reset_rows(
-    n_rows: int, fraction: float, seed: int, reset_index: int, row_probability: float | None = None
-) -> torch.Tensor | None:
-    """The rows one reset re-initialises, sorted, drawn from the reset's own generator (the same on every rank
-    and after a resume); None for a full reset.
-
-    ``fraction`` < 1: exactly ``round(fraction * n_rows)`` rows. ``row_probability``: each row independently
-    with that probability (a Bernoulli draw per row, so the count varies from reset to reset).
-    """
-    generator = torch.Generator().manual_seed(reset_seed(seed, reset_index, "rows"))
-    if row_probability is not None:
-        return torch.nonzero(torch.rand(n_rows, generator=generator) < row_probability).flatten()
-    if fraction >= 1.0:
-        return None
-    return torch.randperm(n_rows, generator=generator)[: round(fraction * n_rows)].sort().values
-
-
-@torch.no_grad()
-def reset_optimizer_rows_(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rows: torch.Tensor) -> None:
-    """Zero the rows ``rows`` of every per-element state tensor (Adam's moments) of ``params``, in place.
-
-    Per-tensor entries (Adam's ``step``) are left alone: the other rows keep training on the same step count.
-    Under FSDP2 each rank zeroes the reset rows that fall in its own shard.
-    """
-    for param in params:
-        for value in (optimizer.state.get(param) or {}).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                local(value)[local_rows(value, rows)] = 0
-
-
-def check_options(
-    every_n_steps: int,
-    init: str,
-    std: float | None,
-    head: str,
-    episode_warmup_fraction: float,
-    episode_decay: str,
-    stop_after_steps: int | None = None,
-    fraction: float = 1.0,
-    row_probability: float | None = None,
-    mean_std_scope: str = "matrix",
-) -> None:
-    """One clear error, naming the ``forgetting.*`` key, for an option ``ActiveForgetting`` cannot use."""
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
-        raise AfptError(f"forgetting.every_n_steps must be a positive integer, got {every_n_steps!r}")
-    if init not in INITS:
-        raise AfptError(f"forgetting.init must be one of {INITS}, got {init!r}")
-    if mean_std_scope not in MEAN_STD_SCOPES:
-        raise AfptError(f"forgetting.mean_std_scope must be one of {MEAN_STD_SCOPES}, got {mean_std_scope!r}")
-    if head not in HEAD_POLICIES:
-        raise AfptError(f"forgetting.head must be one of {HEAD_POLICIES}, got {head!r}")
-    if episode_decay not in DECAYS:
-        raise AfptError(f"forgetting.episode_decay must be one of {DECAYS}, got {episode_decay!r}")
-    if std is not None and std <= 0:
-        raise AfptError(f"forgetting.std must be positive, got {std!r}")
-    if not 0.0 <= episode_warmup_fraction < 1.0:
-        raise AfptError(f"forgetting.episode_warmup_fraction must be in [0, 1), got {episode_warmup_fraction!r}")
-    if stop_after_steps is not None and (
-        isinstance(stop_after_steps, bool) or not isinstance(stop_after_steps, int) or stop_after_steps <= 0
-    ):
-        raise AfptError(f"forgetting.stop_after_steps must be null or a positive integer, got {stop_after_steps!r}")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise AfptError(f"forgetting.fraction must be in (0, 1], got {fraction!r}")
-    if row_probability is not None:
-        if (
-            isinstance(row_probability, bool)
-            or not isinstance(row_probability, (int, float))
-            or not 0 < row_probability <= 1
+        if not positive_int(self.every_n_steps):
+            raise AfptError(f"forgetting.every_n_steps must be a positive integer, got {self.every_n_steps!r}")
+        for key, value, choices in (
+            ("init", self.init, INITS),
+            ("mean_std_scope", self.mean_std_scope, MEAN_STD_SCOPES),
+            ("head", self.head, HEAD_POLICIES),
+            ("episode_decay", self.episode_decay, DECAYS),
         ):
-            raise AfptError(f"forgetting.row_probability must be null or in (0, 1], got {row_probability!r}")
-        if fraction < 1:
+            if value not in choices:
+                raise AfptError(f"forgetting.{key} must be one of {choices}, got {value!r}")
+        if self.std is not None and self.std <= 0:
+            raise AfptError(f"forgetting.std must be positive, got {self.std!r}")
+        if not 0.0 <= self.episode_warmup_fraction < 1.0:
+            raise AfptError(
+                f"forgetting.episode_warmup_fraction must be in [0, 1), got {self.episode_warmup_fraction!r}"
+            )
+        if self.stop_after_steps is not None and not positive_int(self.stop_after_steps):
+            raise AfptError(
+                f"forgetting.stop_after_steps must be null or a positive integer, got {self.stop_after_steps!r}"
+            )
+        if not share(self.fraction):
+            raise AfptError(f"forgetting.fraction must be in (0, 1], got {self.fraction!r}")
+        if self.row_probability is not None and not share(self.row_probability):
+            raise AfptError(f"forgetting.row_probability must be null or in (0, 1], got {self.row_probability!r}")
+        if self.row_probability is not None and self.fraction < 1:
             raise AfptError(
                 "forgetting.row_probability must be null when forgetting.fraction < 1: they are two ways to pick "
-                f"the reset rows, set one (got fraction={fraction!r}, row_probability={row_probability!r})"
+                f"the reset rows, set one (got fraction={self.fraction!r}, row_probability={self.row_probability!r})"
             )
 
 
@@ -236,7 +165,7 @@ class ActiveForgetting(Callback):
         mean_std_scope: str = "matrix",
     ) -> None:
         super().__init__()
-        check_options(
+        options = ForgettingOptions(
             every_n_steps,
             init,
             std,
@@ -248,158 +177,70 @@ class ActiveForgetting(Callback):
             row_probability,
             mean_std_scope,
         )
-        self.mean_std_scope = mean_std_scope
-        self.stop_after_steps = stop_after_steps
+        self.every_n_steps, self.init, self.std, self.head = every_n_steps, init, std, head
+        self.mean_std_scope, self.stop_after_steps = mean_std_scope, stop_after_steps
         self.fraction = float(fraction)
         self.row_probability = None if row_probability is None else float(row_probability)
-        self.save_before_reset = save_before_reset
-        self.label = label
-        self.every_n_steps = every_n_steps
-        self.init = init
-        self.std = std
-        self.head = head
-        self.pad_token_id = pad_token_id
-        self.seed = seed
-        self.episode_lr = episode_lr
-        self.episode_warmup_fraction = episode_warmup_fraction
-        self.episode_min_lr_ratio = episode_min_lr_ratio
-        self.episode_decay = episode_decay
-        self.total_steps = total_steps
-        self.check_sync = check_sync
+        self.rows = row_selection(options.fraction, options.row_probability)
+        self.reset = EmbeddingReset(init, std, head, pad_token_id, mean_std_scope, self.rows, check_sync)
+        self.pad_token_id, self.seed, self.label = pad_token_id, seed, label
+        self.total_steps, self.check_sync = total_steps, check_sync
+        self.episode_lr = (
+            EpisodeLearningRate(
+                every_n_steps, episode_warmup_fraction, episode_min_lr_ratio, episode_decay, total_steps
+            )
+            if episode_lr
+            else None
+        )
+        self.episodes = EpisodeSaver() if save_before_reset else None
         self.history: list[dict[str, Any]] = []
         self._last_loss: torch.Tensor | None = None
         self._awaiting_loss_after = False
-        self._peak_lr: float | None = None
-        self._pending_check: list[torch.Tensor] | None = None
         self._unsettled: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- resolution
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse strategies whose parameters this callback cannot address (DeepSpeed, FSDP without orig params),
-        and FSDP (v1) for partial resets: its optimizer state is a flat shard with no rows to address."""
-        if layout(trainer) == "fsdp" and self.rows_subset:
+        """Refuse FSDP (v1) for partial resets: its optimizer state is a flat shard with no rows to address."""
+        if layout(trainer) == "fsdp" and self.rows.subset:
             raise AfptError(
                 "forgetting.fraction < 1 and forgetting.row_probability run on one device, under DDP or FSDP2 "
                 "(trainer=fsdp2): FSDP v1 (trainer=fsdp) keeps the optimizer state as flat shards without rows"
             )
 
-    @property
-    def rows_subset(self) -> bool:
-        """Whether a reset re-initialises a subset of the rows (partial or probabilistic) rather than all."""
-        return self.fraction < 1 or self.row_probability is not None
-
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check the head policy against the model (built by now, also when ``configure_model`` builds it)."""
-        model = find_model(pl_module)
+        model = find_model(pl_module)  # a module without get_input_embeddings() stops here, with its name
         if self.head == "never" and is_tied(model):
             raise AfptError(
                 "forgetting.head='never' cannot keep the output head: it is tied to the input embedding. "
                 "Use head='auto' or untie the head (model.tie_word_embeddings=false)."
             )
 
-    def reset_parameters(self, pl_module: LightningModule) -> list[nn.Parameter]:
-        """The parameters one reset re-initialises, without duplicates (a tied head counts once)."""
-        model = find_model(pl_module)
-        params = [model.get_input_embeddings().weight]
-        if self.head == "always" and not is_tied(model):
-            head = model.get_output_embeddings()
-            params.append(head.weight)
-            if getattr(head, "bias", None) is not None:
-                params.append(head.bias)
-        return params
-
-    def _std(self, model: nn.Module) -> float:
-        if self.std is not None:
-            return self.std
-        return float(getattr(getattr(model, "config", None), "initializer_range", 0.02) or 0.02)
-
-    def _pad_token_id(self, model: nn.Module) -> int | None:
-        if self.pad_token_id == "auto":
-            return getattr(getattr(model, "config", None), "pad_token_id", None)
-        return self.pad_token_id
-
-    def _total_steps(self, trainer: Trainer) -> int:
-        return int(self.total_steps or trainer.estimated_stepping_batches)
-
     def embedding_param_group(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """The optimizer param group that holds the input embedding."""
-        weight = find_model(pl_module).get_input_embeddings().weight
-        for group in trainer.optimizers[0].param_groups:
-            if any(p is weight for p in group["params"]):
-                return group
-        raise RuntimeError("the input embedding is in no optimizer param group")
+        return embedding_param_group(trainer, pl_module)
 
     # ----------------------------------------------------------------- the reset
-    def _fresh_value(self, param: torch.Tensor, name: str, reset_index: int, model: nn.Module) -> torch.Tensor:
-        """The full new value of ``param``, drawn from the (seed, reset index, name) generator: same on every rank."""
-        device = local(param).device
-        value = torch.zeros(param.shape, dtype=param.dtype, device=device)
-        if param.dim() == 1:
-            return value
-        if self.init == "mean_std":
-            value.copy_(full_value(param))
-        generator = torch.Generator(device=device)
-        generator.manual_seed(reset_seed(self.seed, reset_index, name))
-        pad = self._pad_token_id(model) if name == "embedding" else None
-        reinitialize_(value, generator, self.init, self._std(model), pad, self.mean_std_scope)
-        return value
-
-    @torch.no_grad()
-    def reset(self, trainer: Trainer, pl_module: LightningModule, reset_index: int) -> int:
-        """Re-initialise the embeddings (and head, by policy), or ``fraction`` of their rows, and zero their
-        optimizer state (of those rows); returns how many rows were reset.
-
-        Works on whole tensors (single device, DDP), FSDP flat shards (through ``summon_full_params``)
-        and FSDP2 ``DTensor`` shards: every rank draws the same full tensor and keeps its own shard.
-        """
-        model = find_model(pl_module)
-        n_rows = model.get_input_embeddings().weight.shape[0]
-        rows = reset_rows(n_rows, self.fraction, self.seed, reset_index, self.row_probability)
-        with full_parameters(trainer, writeback=True):
-            params = self.reset_parameters(pl_module)
-            values = [self._fresh_value(p, n, reset_index, model) for n, p in zip(RESET_NAMES, params)]
-            if rows is not None:  # keep every row but the drawn ones
-                values = [_blend(full_value(p).detach(), v, rows) for p, v in zip(params, values)]
-            for param, value in zip(params, values):
-                assign_full(param, value)
-        params = self.reset_parameters(pl_module)
-        for optimizer in trainer.optimizers:
-            if rows is None:
-                reset_optimizer_state_(optimizer, params)
-            else:
-                reset_optimizer_rows_(optimizer, params, rows)
-        if self.check_sync and trainer.world_size > 1:
-            self._pending_check = (values, rows)
-        return n_rows if rows is None else len(rows)
-
-    def save_episode(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        """The model as it ends the episode before the reset at ``step``: ``episodes/step<step>/``, atomically.
-
-        Every rank calls it: a sharded model's full weights are gathered to rank 0, which writes them."""
-        state_dict = full_model_state_dict(trainer, pl_module)
-        if not trainer.is_global_zero:
-            return
-        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
-        save_model_dir(
-            find_model(pl_module), tokenizer, Path(trainer.default_root_dir) / "episodes" / f"step{step}", state_dict
-        )
+    def due(self, trainer: Trainer) -> bool:
+        """Whether a reset is due before this batch: right after every K-th optimizer step, once, until
+        ``stop_after_steps`` and never after the final step."""
+        step = trainer.global_step
+        last_reset = self.history[-1]["step"] if self.history else 0
+        total = int(self.total_steps or trainer.estimated_stepping_batches)
+        if step == 0 or step % self.every_n_steps or step == last_reset or step >= total:
+            return False
+        return self.stop_after_steps is None or step < self.stop_after_steps
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Remember the embedding group's peak learning rate for the episode schedule."""
-        if self.episode_lr and self._peak_lr is None:
-            group = self.embedding_param_group(trainer, pl_module)
-            self._peak_lr = float(group.get("initial_lr", group["lr"]))
+        """Start the episode learning rate, if on."""
+        if self.episode_lr:
+            self.episode_lr.on_train_start(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        """Set the embedding group's learning rate from the episode schedule, if enabled."""
-        if not self.episode_lr:
-            return
-        total = self._total_steps(trainer)
-        step = episode_step(trainer.global_step, total, self.every_n_steps)
-        warmup = int(self.episode_warmup_fraction * total)
-        factor = lr_factor(step, total, warmup, self.episode_min_lr_ratio, self.episode_decay)
-        self.embedding_param_group(trainer, pl_module)["lr"] = self._peak_lr * factor
+        """Set the embedding group's learning rate from the episode schedule, if on."""
+        if self.episode_lr:
+            self.episode_lr.on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Reset before the first batch that follows every K-th optimizer step.
@@ -407,20 +248,17 @@ class ActiveForgetting(Callback):
         Resetting here rather than right after step K lets validation and checkpoints at step K
         see the trained embeddings; a run resumed from such a checkpoint resets on its first batch.
         """
+        if not self.due(trainer):
+            return
         step = trainer.global_step
-        last_reset = self.history[-1]["step"] if self.history else 0
-        if step == 0 or step % self.every_n_steps or step == last_reset or step >= self._total_steps(trainer):
-            return
-        if self.stop_after_steps is not None and step >= self.stop_after_steps:
-            return
-        if self.save_before_reset:
-            self.save_episode(trainer, pl_module, step)
+        if self.episodes:
+            self.episodes.save(trainer, pl_module, step)
         reset_index = step // self.every_n_steps
         timer = ResetTimer(pl_module.device)
-        rows = self.reset(trainer, pl_module, reset_index)
+        rows = self.reset(trainer, pl_module, self.seed, reset_index)
         duration_ms, host_ms = timer.stop()
         entry = {"step": step, "reset_index": reset_index, "rows": rows, "loss_before": None, "loss_after": None}
-        entry.update(duration_ms=duration_ms, host_ms=host_ms, verify_ms=self._verify_pending(trainer, pl_module))
+        entry.update(duration_ms=duration_ms, host_ms=host_ms, verify_ms=self.reset.verify(trainer, pl_module))
         self.history.append(entry)
         self._unsettled.append(entry)
         if self._last_loss is not None:
@@ -428,16 +266,6 @@ class ActiveForgetting(Callback):
             pl_module.log("forgetting/loss_before_reset", self._last_loss, on_step=True, on_epoch=False)
         self._awaiting_loss_after = True
         pl_module.log("forgetting/resets", torch.tensor(float(len(self.history))), on_step=True, on_epoch=False)
-
-    def _verify_pending(self, trainer: Trainer, pl_module: LightningModule) -> float | None:
-        """Run the ``check_sync`` verification of the reset just made; its milliseconds, or None if none ran."""
-        if self._pending_check is None:
-            return None
-        start = time.perf_counter()
-        values, rows = self._pending_check
-        verify_reset(trainer, pl_module, self.reset_parameters(pl_module), values, rows)
-        self._pending_check = None
-        return 1000 * (time.perf_counter() - start)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -468,7 +296,7 @@ class ActiveForgetting(Callback):
         self.settle(wait=True)
         return {
             "history": [dict(h) for h in self.history],
-            "peak_lr": self._peak_lr,
+            "peak_lr": self.episode_lr.peak_lr if self.episode_lr else None,
             "awaiting_loss_after": self._awaiting_loss_after,
             "last_loss": None if self._last_loss is None else float(self._last_loss),
         }
@@ -476,14 +304,8 @@ class ActiveForgetting(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the history so that a resumed run reports every reset once."""
         self.history = [dict(h) for h in state_dict.get("history", [])]
-        self._peak_lr = state_dict.get("peak_lr")
+        if self.episode_lr:
+            self.episode_lr.load_state_dict(state_dict)
         self._awaiting_loss_after = bool(state_dict.get("awaiting_loss_after", False))
         last_loss = state_dict.get("last_loss")
         self._last_loss = None if last_loss is None else torch.tensor(last_loss)
-
-
-def _blend(current: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``current`` with ``rows`` taken from ``fresh`` (a 1-D bias: the same entries)."""
-    out = current.clone()
-    out[rows.to(out.device)] = fresh[rows.to(fresh.device)]
-    return out
