@@ -15,7 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from afpt.errors import AfptError, build_target
 
 # The package each tracker's Lightning logger imports, and the afpt extra that installs it.
-TRACKER_PACKAGES = {"WandbLogger": ("wandb", "wandb"), "MLFlowLogger": ("mlflow", "mlflow")}
+TRACKER_PACKAGES = {
+    "WandbLogger": ("wandb", "wandb"),
+    "MLFlowLogger": ("mlflow", "mlflow"),
+    "TensorBoardLogger": ("tensorboard", "tensorboard"),
+}
 
 
 class MLFlowLogger(LightningMLFlowLogger):

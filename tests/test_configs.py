@@ -1,0 +1,91 @@
+"""Every option of every config group, and every experiment, composes and builds what it configures.
+
+As lightning-hydra-template's tests/test_configs.py: one composed config per option, then the objects the
+stages build from it (the forgetting callback, the callbacks and loggers, the trainer's strategy and profiler),
+and the checks the stages run on the other groups (model, optim and each stage's own optim, adapt's protocol).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import afpt.conf
+import pytest
+from helpers import compose_config
+from omegaconf import DictConfig
+
+from afpt.adapt.stage import check_protocol
+from afpt.errors import AfptError, build_target
+from afpt.models import ModelConfig
+from afpt.pretrain.module import CausalLMModule
+from afpt.stages import build_forgetting, merged, stage_callbacks, to_dict
+from afpt.tracking import build_loggers
+
+CONF = Path(afpt.conf.__file__).parent
+# Groups whose options are Hydra's own (launchers) or change the sweeper, not what a run builds.
+NOT_BUILT = {"hydra", "hparams_search"}
+
+
+def options() -> list[str]:
+    """``group=option`` for every YAML file of every group in ``conf/``."""
+    return sorted(
+        f"{group.name}={option.stem}"
+        for group in CONF.iterdir()
+        if group.is_dir() and group.name not in NOT_BUILT and not group.name.startswith("_")
+        for option in group.glob("*.yaml")
+    )
+
+
+def build_everything(cfg: DictConfig) -> list[object]:
+    """What the stages build from ``cfg`` before training, in the order they build it; raises as they would."""
+    built: list[object] = [ModelConfig.from_mapping(to_dict(cfg.model))]
+    CausalLMModule.check_options(to_dict(cfg.optim))
+    CausalLMModule.check_options(merged(cfg.optim, cfg.adapt.optim), prefix="adapt.optim")
+    CausalLMModule.check_options(merged(cfg.optim, cfg.instruct.optim), prefix="instruct.optim")
+    check_protocol(cfg.adapt)
+    built.append(build_forgetting(cfg.forgetting))
+    built += stage_callbacks(cfg)
+    built += build_loggers(cfg)
+    for key in ("strategy", "profiler"):
+        node = to_dict(cfg.trainer).get(key)
+        if isinstance(node, dict):
+            built.append(build_target(node, f"trainer.{key}"))
+    return built
+
+
+def test_every_group_option_is_found():
+    found = options()
+    assert {"model=llama_6m", "forgetting=probabilistic_temporary", "adapt=chen", "trainer=fsdp2"} <= set(found)
+    assert not any(o.startswith("hydra=") for o in found)
+
+
+@pytest.mark.parametrize("override", options())
+def test_every_group_option_builds(tmp_path, override, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    cfg = compose_config(tmp_path, [override], tiny=False)
+    if override == "logger=tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(
+            AfptError, match=r"logger.tensorboard needs the tensorboard package: pip install 'afpt\[tensorboard\]'"
+        ):
+            build_everything(cfg)
+        return
+    built = build_everything(cfg)
+    group, option = override.split("=")
+    if group == "forgetting":
+        callback = built[1]
+        assert (callback is None) == (option == "none")
+        if callback is not None:
+            assert type(callback).__name__ == cfg.forgetting._target_.rsplit(".", 1)[-1]
+    if group == "model":
+        assert built[0].name == option
+    if group == "logger" and option != "none":
+        assert any(type(b).__name__.lower().startswith(option) for b in built)
+
+
+def test_a_bad_target_in_a_group_is_one_clear_error(tmp_path):
+    cfg = compose_config(tmp_path, ["forgetting._target_=afpt.pretrain.forgetting.NoSuchCallback"], tiny=False)
+    with pytest.raises(AfptError, match="forgetting"):
+        build_everything(cfg)
