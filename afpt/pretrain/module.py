@@ -18,7 +18,7 @@ from afpt.models import ModelConfig, build_model, load_model, untied_head
 from afpt.pretrain.schedule import DECAYS, lr_factor
 from afpt.speed.attention import one_sequence_per_row
 from afpt.speed.distributed import full_value, layout
-from afpt.speed.levers import apply_levers, check_levers, liger_loss, pin_sdpa_kernel
+from afpt.speed.levers import ModelTransforms, check_levers, liger_loss, pin_sdpa_kernel
 
 SKIP = ("self", "model")  # CausalLMModule's arguments that are not optim settings
 
@@ -103,6 +103,7 @@ class CausalLMModule(pl.LightningModule):
         self.val_loss_per_language = nn.ModuleDict()
         self.val_names: list[str] = []
         self._sdpa_pin: contextlib.ExitStack | None = None
+        self.transforms = ModelTransforms()
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
@@ -157,7 +158,7 @@ class CausalLMModule(pl.LightningModule):
                 raise AfptError("a model given as a config needs a datamodule with a `tokenizer` (CorpusDataModule)")
             special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
             self.model = build_model(self.model_spec, len(tokenizer), special).train()
-        apply_levers(self, self.compiles())
+        self.transforms.apply(self, self.compiles())
 
     def setup(self, stage: str) -> None:
         """Pin the attention kernel (until ``teardown``); create one validation metric per language."""
@@ -192,7 +193,7 @@ class CausalLMModule(pl.LightningModule):
         n_tokens = (labels[:, 1:] != -100).sum()
         if self.hparams.loss != "hf":
             return liger_loss(self, batch, labels), n_tokens
-        loss = getattr(self, "_compiled_hf_loss", None) or self._hf_loss
+        loss = self.transforms.compiled_loss or self._hf_loss
         return loss(batch["input_ids"], batch.get("attention_mask"), labels), n_tokens
 
     def _hf_loss(

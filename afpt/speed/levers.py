@@ -1,4 +1,5 @@
-"""The performance levers of ``CausalLMModule``: checked at construction, applied in ``configure_model``.
+"""The performance levers of ``CausalLMModule``: checked at construction, applied by ``ModelTransforms`` in
+``configure_model``.
 
 Compile (one graph from tokens to loss for ``loss=hf``), the afpt_sdpa attention and rotary tables, a pinned
 sdpa kernel, liger-kernel losses, activation checkpointing, FP8 training of the decoder layers (torchao) and
@@ -168,40 +169,55 @@ def convert_to_fp8(
     return len(chosen)
 
 
-def apply_levers(module: Any, compiles: bool) -> None:
-    """Apply ``module``'s levers to ``module.model`` (once each): attention, losses, checkpointing, FP8, FSDP2,
-    compile."""
-    hp, model = module.hparams, module.model
-    if hp.get("fp8") and not getattr(module, "_fp8", False):
-        recipe, which = hp.get("fp8_recipe", "tensorwise"), hp.get("fp8_linears", "all")
-        module._fp8 = convert_to_fp8(model, hp.fp8, module.trainer.strategy.root_device, recipe, which)
-    if hp.rotary_tables:
-        use_rotary_tables(model)
-    attention = getattr(model.config, "_attn_implementation", None)
-    if attention == "sdpa" and compiles:
-        # Keep sdpa's unmasked causal path (flash / cuDNN kernels) under torch.compile.
-        model.set_attn_implementation(CAUSAL_SDPA)
-        attention = CAUSAL_SDPA
-    if hp.sdpa_backend is not None and attention not in ("sdpa", CAUSAL_SDPA):
-        raise AfptError(
-            f"optim.sdpa_backend={hp.sdpa_backend!r} pins a kernel of sdpa attention, but the model "
-            f"uses {attention!r}; set model.attn_implementation=sdpa"
-        )
-    if hp.loss != "hf" and getattr(module, "_liger_loss", None) is None:
-        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+class ModelTransforms:
+    """The speed levers as transforms of the model, applied in one place (``apply``, from the module's
+    ``configure_model``), each once: FP8 linears, rotary tables, the afpt_sdpa attention, the liger loss,
+    activation checkpointing, FSDP2 sharding and torch.compile. What they produce the module reads here:
+    ``liger`` (the liger loss object) and ``compiled_loss`` (the compiled ``loss=hf`` function)."""
 
-        module._liger_loss = (
-            LigerFusedLinearCrossEntropyLoss if hp.loss == "fused_linear_ce" else LigerCrossEntropyLoss
-        )()
-    if hp.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    if module.device_mesh is not None and not getattr(module, "_sharded", False):
-        # ModelParallelStrategy (trainer=fsdp2): FSDP2 shards over the data-parallel mesh dimension.
-        bf16 = str(module.trainer.precision) == "bf16-mixed"
-        options = getattr(module.trainer.strategy, "shard_options", {})
-        fully_shard_model(model, module.device_mesh["data_parallel"], bf16, **options)
-        module._sharded = True
-    if compiles and not getattr(module, "_compiled", False):
+    def __init__(self) -> None:
+        self.fp8_linears = 0
+        self.liger: Any = None
+        self.compiled_loss: Any = None
+        self.sharded = False
+        self.compiled = False
+
+    def apply(self, module: Any, compiles: bool) -> None:
+        """Transform ``module.model`` by ``module.hparams``' levers (the ones not applied yet)."""
+        hp, model = module.hparams, module.model
+        if hp.get("fp8") and not self.fp8_linears:
+            recipe, which = hp.get("fp8_recipe", "tensorwise"), hp.get("fp8_linears", "all")
+            self.fp8_linears = convert_to_fp8(model, hp.fp8, module.trainer.strategy.root_device, recipe, which)
+        if hp.rotary_tables:
+            use_rotary_tables(model)
+        attention = getattr(model.config, "_attn_implementation", None)
+        if attention == "sdpa" and compiles:
+            # Keep sdpa's unmasked causal path (flash / cuDNN kernels) under torch.compile.
+            model.set_attn_implementation(CAUSAL_SDPA)
+            attention = CAUSAL_SDPA
+        if hp.sdpa_backend is not None and attention not in ("sdpa", CAUSAL_SDPA):
+            raise AfptError(
+                f"optim.sdpa_backend={hp.sdpa_backend!r} pins a kernel of sdpa attention, but the model "
+                f"uses {attention!r}; set model.attn_implementation=sdpa"
+            )
+        if hp.loss != "hf" and self.liger is None:
+            from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+
+            self.liger = (LigerFusedLinearCrossEntropyLoss if hp.loss == "fused_linear_ce" else LigerCrossEntropyLoss)()
+        if hp.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if module.device_mesh is not None and not self.sharded:
+            # ModelParallelStrategy (trainer=fsdp2): FSDP2 shards over the data-parallel mesh dimension.
+            bf16 = str(module.trainer.precision) == "bf16-mixed"
+            options = getattr(module.trainer.strategy, "shard_options", {})
+            fully_shard_model(model, module.device_mesh["data_parallel"], bf16, **options)
+            self.sharded = True
+        if compiles and not self.compiled:
+            self.compile(module, model)
+
+    def compile(self, module: Any, model: nn.Module) -> None:
+        """torch.compile: the ``loss=hf`` function whole (one graph from tokens to loss), else the model in place."""
+        hp = module.hparams
         if layout(module.trainer) != "replicated":
             # FSDP's hooks break the graph inside the decoder's layer loop, so torch.compile runs that
             # loop eagerly and compiles each layer as a frame of its own: one guarded entry per layer
@@ -216,10 +232,10 @@ def apply_levers(module: Any, compiles: bool) -> None:
             # model would also output the logits, and autograd would fill a zero gradient for them
             # (a logits-sized write, and a read in the loss's backward, every step). Under FSDP2 the
             # model compiled in place measured faster.
-            module._compiled_hf_loss = torch.compile(module._hf_loss, **how)
+            self.compiled_loss = torch.compile(module._hf_loss, **how)
         else:  # the fused loss calls the decoder body directly, so that is what gets compiled
             (model.base_model if hp.loss == "fused_linear_ce" else model).compile(**how)
-        module._compiled = True
+        self.compiled = True
 
 
 def liger_loss(module: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -229,7 +245,7 @@ def liger_loss(module: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor
     if module.hparams.loss == "fused_linear_ce":
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
         head = model.get_output_embeddings()
-        return module._liger_loss(
+        return module.transforms.liger(
             head.weight,
             hidden[:, :-1].reshape(-1, hidden.shape[-1]),
             labels[:, 1:].reshape(-1),
@@ -239,7 +255,7 @@ def liger_loss(module: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor
     # Position t predicts token t + 1; the last position predicts nothing. Shifting the labels, not
     # slicing the logits, keeps the logits contiguous (no copy).
     targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    return module._liger_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return module.transforms.liger(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def pin_sdpa_kernel(backend: str | None) -> contextlib.ExitStack | None:
