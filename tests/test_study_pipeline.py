@@ -273,3 +273,26 @@ def test_every_experiment_config_runs(tmp_path, name):
         cfg = compose_config(tmp_path, [f"experiment={name}"])
         assert cfg.stage.name == "pipeline"
         assert pipeline.run(compose_config(tmp_path, [f"experiment={name}", *FAST_STUDY]))["af/adapt/mean_ppl_char"] > 0
+
+
+@pytest.mark.parametrize("instruct", [True, False])
+def test_the_pipeline_is_a_list_of_steps_each_starting_from_the_last(tmp_path, instruct):
+    cfg = compose_config(tmp_path, [f"pipeline.instruct={str(instruct).lower()}"])
+    steps = pipeline.plan(cfg, tmp_path)
+    chain = ["pretrain", "adapt", "instruct"] if instruct else ["pretrain", "adapt"]
+    arms = [(f"{stage}_{arm}", stage) for arm in ("af", "baseline") for stage in chain]
+    assert [(s.name, s.stage) for s in steps] == [*arms, ("evaluate", "evaluate")]
+    for before, step in zip(steps, steps[1:-1]):
+        if step.stage != "pretrain":  # each later stage starts from the model of the step before it
+            assert step.after == before.name and step.keys["init_from"] == str(tmp_path / before.name / "model")
+    assert steps[0].keys["forgetting"] is cfg.forgetting and steps[len(chain)].keys["forgetting"] is None
+    evaluate = steps[-1]
+    assert evaluate.after == "*" and evaluate.keys["evaluate.labels"][:4] == [
+        "baseline",
+        "af",
+        "baseline_adapted",
+        "af_adapted",
+    ]
+    sub = pipeline.sub_config(cfg, evaluate, tmp_path / "evaluate")
+    assert sub.stage.name == "evaluate" and list(sub.evaluate.labels) == evaluate.keys["evaluate.labels"]
+    assert list(sub.init_from) == evaluate.keys["init_from"] and cfg.evaluate.labels != sub.evaluate.labels

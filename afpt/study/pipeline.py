@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from afpt.errors import AfptError
 from afpt.io import read_json, write_json
@@ -18,6 +19,8 @@ log = logging.getLogger("afpt")
 
 # Stages whose Lightning checkpoints resume bit-exactly (instruct restarts its epoch, so it reruns).
 RESUMABLE = ("pretrain", "adapt")
+# The evaluate stage's columns, left to right.
+EVALUATION_ORDER = ("baseline", "af", "baseline_adapted", "af_adapted", "baseline_instructed", "af_instructed")
 
 
 def arms(cfg: DictConfig) -> dict[str, DictConfig | None]:
@@ -27,15 +30,44 @@ def arms(cfg: DictConfig) -> dict[str, DictConfig | None]:
     return {"af": cfg.forgetting, "baseline": None}
 
 
-def sub_config(cfg: DictConfig, stage: str, run_dir: Path, **keys: Any) -> DictConfig:
-    """A copy of the study's config for one stage run in ``run_dir``, with ``keys`` set at the top level."""
+@dataclass(frozen=True)
+class Step:
+    """One stage run of the study: its run directory's name, the stage, the config keys it sets (dotted paths, over
+    the study's config), and the step whose model it starts from (a rerun there makes this one stale)."""
+
+    name: str
+    stage: str
+    keys: dict[str, Any] = field(default_factory=dict)
+    after: str | None = None
+
+
+def plan(cfg: DictConfig, study: Path) -> list[Step]:
+    """The study as a list of steps: per arm pretrain -> adapt (-> instruct), then one evaluate of every model."""
+    steps, evaluated = [], {}
+    for arm, forgetting in arms(cfg).items():
+        pre, ada, ins = f"pretrain_{arm}", f"adapt_{arm}", f"instruct_{arm}"
+        steps.append(Step(pre, "pretrain", {"forgetting": forgetting}))
+        steps.append(Step(ada, "adapt", {"init_from": str(study / pre / "model")}, after=pre))
+        evaluated[arm], evaluated[f"{arm}_adapted"] = pre, ada
+        if cfg.pipeline.instruct:
+            steps.append(Step(ins, "instruct", {"init_from": str(study / ada / "model")}, after=ada))
+            if cfg.pipeline.evaluate_instructed:
+                evaluated[f"{arm}_instructed"] = ins
+    order = [m for m in EVALUATION_ORDER if m in evaluated]
+    models = [str(study / evaluated[m] / "model") for m in order]
+    steps.append(Step("evaluate", "evaluate", {"init_from": models, "evaluate.labels": order}, after="*"))
+    return steps
+
+
+def sub_config(cfg: DictConfig, step: Step, run_dir: Path) -> DictConfig:
+    """The study's config for one step: its stage and run directory, no checkpoint, and the step's keys."""
     sub = cfg.copy()
     with open_dict(sub):
-        sub.stage = {"name": stage}
+        sub.stage = {"name": step.stage}
         sub.paths.run_dir = str(run_dir)
         sub.ckpt_path = None
-        for key, value in keys.items():
-            sub[key] = value
+        for key, value in step.keys.items():
+            OmegaConf.update(sub, key, value, merge=False)
     return sub
 
 
@@ -64,39 +96,20 @@ def run_once(stage: str, sub: DictConfig, run_dir: Path, stale: bool = False) ->
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Pretrain AF and baseline, adapt both, instruction-tune both, evaluate every model; write ``report/``."""
-    p = cfg.pipeline
+    """Run ``plan``'s steps in order (reusing finished ones), then write ``report/`` and ``metrics.json``."""
     study = Path(cfg.paths.run_dir)
     results: dict[str, dict[str, Any]] = {}
-    models: dict[str, str] = {}
-    any_ran = False
-    for arm, forgetting in arms(cfg).items():
-        pre_dir, ada_dir, ins_dir = study / f"pretrain_{arm}", study / f"adapt_{arm}", study / f"instruct_{arm}"
-        results[f"pretrain_{arm}"], ran = run_once(
-            "pretrain", sub_config(cfg, "pretrain", pre_dir, forgetting=forgetting), pre_dir
+    reran: set[str] = set()
+    steps = plan(cfg, study)
+    for step in steps:
+        stale = bool(reran) if step.after == "*" else step.after in reran
+        results[step.name], ran = run_once(
+            step.stage, sub_config(cfg, step, study / step.name), study / step.name, stale
         )
-        results[f"adapt_{arm}"], ran = run_once(
-            "adapt", sub_config(cfg, "adapt", ada_dir, init_from=str(pre_dir / "model")), ada_dir, stale=ran
-        )
-        models[arm] = str(pre_dir / "model")
-        models[f"{arm}_adapted"] = str(ada_dir / "model")
-        if p.instruct:
-            results[f"instruct_{arm}"], ran = run_once(
-                "instruct", sub_config(cfg, "instruct", ins_dir, init_from=str(ada_dir / "model")), ins_dir, stale=ran
-            )
-            if p.evaluate_instructed:
-                models[f"{arm}_instructed"] = str(ins_dir / "model")
-        any_ran = any_ran or ran
-    order = [
-        m
-        for m in ("baseline", "af", "baseline_adapted", "af_adapted", "baseline_instructed", "af_instructed")
-        if m in models
-    ]
-    eval_dir = study / "evaluate"
-    sub = sub_config(cfg, "evaluate", eval_dir, init_from=[models[m] for m in order])
-    with open_dict(sub):
-        sub.evaluate.labels = order
-    results["evaluate"], _ = run_once("evaluate", sub, eval_dir, stale=any_ran)
-    summary = write_report(study, results, read_json(eval_dir / "metrics.json"), cfg)
+        if ran:
+            reran.add(step.name)
+    evaluate = steps[-1]
+    models = dict(zip(evaluate.keys["evaluate.labels"], evaluate.keys["init_from"]))
+    summary = write_report(study, results, read_json(study / "evaluate" / "metrics.json"), cfg)
     write_json({"stage": "pipeline", "models": models, **summary}, study / "metrics.json")
     return summary
