@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,27 @@ def require_replicated(trainer: pl.Trainer, stage: str) -> None:
 def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
     """The trainer's latest logged metrics as floats."""
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+def publish_run(
+    trainer: pl.Trainer,
+    run_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    metrics: dict[str, Any],
+    plot: Callable[[], Any] | None = None,
+    state_dict: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A trained stage's epilogue, on rank 0: ``model/`` (with ``tokenizer``; ``state_dict`` when gathered from
+    shards), ``metrics.json``, the stage's ``plot``, and every artifact to the trackers. Returns ``metrics``."""
+    from afpt.io import write_json
+    from afpt.models import save_model_dir
+    from afpt.tracking import publish_artifacts
+
+    if trainer.is_global_zero:
+        save_model_dir(model, tokenizer, run_dir / "model", state_dict)
+        write_json(metrics, run_dir / "metrics.json")
+        if plot is not None:
+            plot()
+        publish_artifacts(trainer.loggers, run_dir)
+    return metrics

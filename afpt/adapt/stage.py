@@ -34,13 +34,11 @@ from afpt.adapt.initializers import HELPER_INITIALIZERS, INITIALIZERS
 from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corpus, world_languages
 from afpt.errors import AfptError
 from afpt.evaluate.metrics import batch_size_for, device_for, language_perplexities
-from afpt.io import write_json
-from afpt.models import check_model_dir, is_tied, load_model, on_eval_device, save_model_dir
+from afpt.models import check_model_dir, is_tied, load_model, on_eval_device
 from afpt.plots import plot_adaptation
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.throughput import throughput_summary
-from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, to_dict
-from afpt.tracking import publish_artifacts
+from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, publish_run, require_replicated, to_dict
 
 
 def check_protocol(a: DictConfig) -> None:
@@ -203,17 +201,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "after": after,
         "wall_time_s": round(time.perf_counter() - wall_start, 2),
     }
-    if trainer.is_global_zero:
-        save_model_dir(model, tokenizer, run_dir / "model")
-        write_json(metrics, run_dir / "metrics.json")
-        plot_adaptation(
-            run_dir,
-            before,
-            after,
-            tokens_per_step,
-            metrics["tokens_seen"],
-            run_dir / "adaptation.png",
-            f"adaptation to {', '.join(langs)} (init={a.init}, policy={a.policy})",
-        )
-        publish_artifacts(trainer.loggers, run_dir)
-    return metrics
+    title = f"adaptation to {', '.join(langs)} (init={a.init}, policy={a.policy})"
+    return publish_run(
+        trainer,
+        run_dir,
+        model,
+        tokenizer,
+        metrics,
+        lambda: plot_adaptation(
+            run_dir, before, after, tokens_per_step, metrics["tokens_seen"], run_dir / "adaptation.png", title
+        ),
+    )

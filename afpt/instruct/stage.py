@@ -21,12 +21,19 @@ from afpt.instruct.chat import (
     encode_all,
     ensure_chatml,
 )
-from afpt.io import write_json
-from afpt.models import check_model_dir, load_model, save_model_dir
+from afpt.models import check_model_dir, load_model
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.throughput import throughput_summary
-from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, require_replicated, scalar_metrics, to_dict
-from afpt.tracking import publish_artifacts
+from afpt.stages import (
+    build_trainer,
+    check_ckpt_path,
+    init_from,
+    merged,
+    publish_run,
+    require_replicated,
+    scalar_metrics,
+    to_dict,
+)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -98,8 +105,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **scalar_metrics(trainer),
         "wall_time_s": round(time.perf_counter() - wall_start, 2),
     }
-    if trainer.is_global_zero:
-        save_model_dir(model, tokenizer, run_dir / "model")
-        write_json(metrics, run_dir / "metrics.json")
-        publish_artifacts(trainer.loggers, run_dir)
-    return metrics
+    return publish_run(trainer, run_dir, model, tokenizer, metrics)

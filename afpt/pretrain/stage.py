@@ -11,14 +11,21 @@ import torch
 from omegaconf import DictConfig
 
 from afpt.data import CorpusDataModule
-from afpt.io import metric_csvs, read_json, write_json
-from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model, save_model_dir
+from afpt.io import metric_csvs, read_json
+from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model
 from afpt.plots import plot_loss_with_resets
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.distributed import full_model_state_dict, layout
 from afpt.speed.throughput import throughput_summary
-from afpt.stages import build_forgetting, build_trainer, check_batches, check_ckpt_path, scalar_metrics, to_dict
-from afpt.tracking import publish_artifacts
+from afpt.stages import (
+    build_forgetting,
+    build_trainer,
+    check_batches,
+    check_ckpt_path,
+    publish_run,
+    scalar_metrics,
+    to_dict,
+)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -83,15 +90,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     state_dict = full_model_state_dict(trainer, module)  # a collective under FSDP: every rank calls
     metrics["wall_time_s"] = round(time.perf_counter() - wall_start, 2)
-    if trainer.is_global_zero:
-        save_model_dir(module.model, tokenizer, run_dir / "model", state_dict)
-        write_json(metrics, run_dir / "metrics.json")
-        if metric_csvs(run_dir):
-            plot_loss_with_resets(
-                run_dir,
-                [r["step"] for r in metrics["resets"]],
-                run_dir / "loss.png",
-                f"pretraining {metrics['model']}, forgetting={metrics['forgetting']}",
-            )
-        publish_artifacts(trainer.loggers, run_dir)
-    return metrics
+    title = f"pretraining {metrics['model']}, forgetting={metrics['forgetting']}"
+    steps = [r["step"] for r in metrics["resets"]]
+    return publish_run(
+        trainer,
+        run_dir,
+        module.model,
+        tokenizer,
+        metrics,
+        lambda: metric_csvs(run_dir) and plot_loss_with_resets(run_dir, steps, run_dir / "loss.png", title),
+        state_dict,
+    )
