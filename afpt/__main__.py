@@ -1,5 +1,5 @@
 """``python -m afpt`` is the ``afpt`` command."""
 
-from afpt.cli import main
+from afpt.app.cli import main
 
 main()

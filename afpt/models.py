@@ -22,8 +22,8 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import afpt.speed.attention  # noqa: F401  (registers the afpt_sdpa attention that compiled models train with)
+from afpt.artifacts.io import atomic_save
 from afpt.errors import AfptError
-from afpt.io import atomic_save
 
 
 class ModelConfigError(AfptError):

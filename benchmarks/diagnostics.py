@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from afpt.io import write_json, write_text
+from afpt.artifacts.io import write_json, write_text
 
 
 def _sync() -> None:

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from afpt.io import atomic_write, read_metric, write_text  # noqa: E402
+from afpt.artifacts.io import atomic_write, read_metric, write_text  # noqa: E402
 
 PRE = re.compile(r"^pre_(?P<model>[a-z0-9]+_[a-z0-9]+)_(?P<arm>base|k\d+)_s(?P<seed>\d+)$")
 ADA = re.compile(

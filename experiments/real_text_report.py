@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from afpt.plots import validation_curve_per_char  # noqa: E402
+from afpt.artifacts.plots import validation_curve_per_char  # noqa: E402
 
 CELL = re.compile(r"^rt_(?P<model>\w+?)_s(?P<steps>\d+)_k(?P<k>\d+)_seed(?P<seed>\d+)$")
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from afpt.checkpoints import AtomicCheckpointIO
+from afpt.artifacts.checkpoints import AtomicCheckpointIO
 
 # Overrides that make any composed config run in seconds on 2 CPU cores.
 TINY = [
@@ -147,7 +147,7 @@ def run_afpt(*args: str, timeout: float = 600, **kwargs) -> subprocess.Completed
 
 def afpt_cli(capsys, *args: str) -> tuple[int, str]:
     """The ``afpt`` command run in this process (as the console script runs it): (exit status, stderr)."""
-    from afpt.cli import main
+    from afpt.app.cli import main
 
     GlobalHydra.instance().clear()
     argv, root = sys.argv, logging.getLogger()

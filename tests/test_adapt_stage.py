@@ -140,7 +140,7 @@ def test_adapt_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_early_stopping_entry_stops_adaptation_but_never_pretraining(tmp_path, base_model):
-    from afpt.stages import build_trainer
+    from afpt.app.stages import build_trainer
 
     callbacks = "callbacks=[default,early_stopping,rich_progress_bar,model_summary]"
     bar = "trainer.enable_progress_bar=true"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, run_afpt
 
-from afpt.lightning_cli import cli
+from afpt.app.lightning_cli import cli
 from afpt.pretrain.forgetting import ActiveForgetting
 
 

@@ -8,19 +8,21 @@ and the checks the stages run on the other groups (model, optim and each stage's
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import afpt.conf
 import pytest
 from helpers import compose_config
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from afpt.adapt.stage import check_protocol
+from afpt.app.stages import build_forgetting, merged, stage_callbacks, to_dict
+from afpt.artifacts.tracking import build_loggers
 from afpt.errors import AfptError, build_target
 from afpt.models import ModelConfig
 from afpt.pretrain.module import CausalLMModule
-from afpt.stages import build_forgetting, merged, stage_callbacks, to_dict
-from afpt.tracking import build_loggers
 
 CONF = Path(afpt.conf.__file__).parent
 # Groups whose options are Hydra's own (launchers) or change the sweeper, not what a run builds.
@@ -35,6 +37,11 @@ def options() -> list[str]:
         if group.is_dir() and group.name not in NOT_BUILT and not group.name.startswith("_")
         for option in group.glob("*.yaml")
     )
+
+
+def group_of(override: str) -> str:
+    """The group of a ``group=option`` override."""
+    return override.split("=", 1)[0]
 
 
 def build_everything(cfg: DictConfig) -> list[object]:
@@ -73,6 +80,10 @@ def test_every_group_option_builds(tmp_path, override, monkeypatch):
             build_everything(cfg)
         return
     built = build_everything(cfg)
+    for logger in (b for b in built if isinstance(b, Logger)):  # close trackers' runs: no state leaks to later tests
+        logger.finalize("success")
+    if group_of(override) == "logger" and "wandb" in sys.modules:
+        sys.modules["wandb"].finish()
     group, option = override.split("=")
     if group == "forgetting":
         callback = built[1]

@@ -16,12 +16,12 @@ import torch
 from helpers import TINY, afpt_cli, assert_one_line_error, run_afpt, tiny_llama
 from safetensors.torch import load_file
 
+from afpt.app.rundir import HOLDER_NAME, LOCK_NAME
+from afpt.artifacts.io import atomic_save, clean_stale
 from afpt.data.sources import corpus_parts
 from afpt.data.tokenizer import train_tokenizer
 from afpt.errors import AfptError
-from afpt.io import atomic_save, clean_stale
 from afpt.models import save_model_dir
-from afpt.runs import HOLDER_NAME, LOCK_NAME
 
 FAST = [
     *TINY,
@@ -115,7 +115,7 @@ def automap_model(tmp_path: Path, model_type: str) -> Path:
         ("decoy", ["model.safetensors", "not a readable safetensors file"]),
         ("automap", ["model_type='evilnet'", "trust_remote_code"]),
         ("profiler", ["trainer.profiler: cannot build 'nope.Profiler'"]),
-        ("tracker", ["logger.mlflow: cannot build 'afpt.tracking.MLFlowLogger'", "nope://x"]),
+        ("tracker", ["logger.mlflow: cannot build 'afpt.artifacts.tracking.MLFlowLogger'", "nope://x"]),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_run_dir(tmp_path, monkeypatch, capsys, request, case, needles):

@@ -86,7 +86,7 @@ def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     cfg = compose_config(tmp_path, ["optim.compile_options={coordinate_descent_tuning:true}", "optim.compile=true"])
-    from afpt.stages import to_dict
+    from afpt.app.stages import to_dict
 
     module = CausalLMModule(tiny_llama(tied=True), **to_dict(cfg.optim))
     fit(module, [], max_steps=1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from helpers import compose_config
 
+from afpt.app.stages import build_trainer
 from afpt.errors import AfptError
 from afpt.speed.distributed import fsdp_strategy
-from afpt.stages import build_trainer
 
 
 def test_fsdp_without_original_parameters_is_refused():

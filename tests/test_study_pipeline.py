@@ -113,8 +113,8 @@ def test_pipeline_needs_forgetting_to_compare(tmp_path):
 def test_forgetting_none_ignores_the_k_an_experiment_sets(tmp_path, caplog):
     """real_text sets forgetting.every_n_steps; with forgetting=none that K is ignored (a warning), not an error,
     and the pipeline still refuses to compare none with none."""
+    from afpt.app.stages import build_forgetting
     from afpt.errors import AfptError
-    from afpt.stages import build_forgetting
 
     cfg = compose_config(tmp_path, ["experiment=real_text", "forgetting=none"])
     assert dict(cfg.forgetting) == {"every_n_steps": 200}

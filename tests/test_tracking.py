@@ -47,9 +47,9 @@ def test_wandb_offline_stores_config_metrics_and_artifacts(tmp_path, monkeypatch
 
 
 def test_a_tracker_without_its_package_is_one_clear_error(tmp_path, monkeypatch):
-    import afpt.tracking
+    import afpt.artifacts.tracking
 
-    monkeypatch.setitem(afpt.tracking.TRACKER_PACKAGES, "WandbLogger", ("afpt_no_such_package", "wandb"))
+    monkeypatch.setitem(afpt.artifacts.tracking.TRACKER_PACKAGES, "WandbLogger", ("afpt_no_such_package", "wandb"))
     with pytest.raises(
         AfptError, match=r"logger.wandb needs the afpt_no_such_package package: pip install 'afpt\[wandb\]'"
     ):

@@ -15,9 +15,9 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from afpt.adapt.vocab import merge_tokenizers, train_language_tokenizer
+from afpt.artifacts.io import atomic_save
 from afpt.data import load_tokenizer
 from afpt.data.sources import Corpus
-from afpt.io import atomic_save
 
 TOKENIZER_MODES = ("merge", "replace")
 CORPUS_FILE = "adapt_corpus.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from afpt.artifacts.io import write_text
 from afpt.errors import AfptError
-from afpt.io import write_text
 from afpt.models import untied_head
 
 

@@ -16,11 +16,11 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
+from afpt.app.stages import init_from
+from afpt.artifacts.io import write_json
 from afpt.data import load_tokenizer
 from afpt.errors import AfptError
-from afpt.io import write_json
 from afpt.models import check_model_dir, is_tied, load_model, save_model_dir, untied_head
-from afpt.stages import init_from
 
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "tie_word_embeddings")
 

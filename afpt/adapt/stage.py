@@ -31,14 +31,14 @@ from afpt.adapt.expansion import (
 )
 from afpt.adapt.focus import focus_new_rows
 from afpt.adapt.initializers import HELPER_INITIALIZERS, INITIALIZERS
+from afpt.app.stages import build_trainer, check_ckpt_path, init_from, merged, publish_run, require_replicated, to_dict
+from afpt.artifacts.plots import plot_adaptation
 from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corpus, world_languages
 from afpt.errors import AfptError
 from afpt.evaluate.metrics import batch_size_for, device_for, language_perplexities
 from afpt.models import check_model_dir, is_tied, load_model, on_eval_device
-from afpt.plots import plot_adaptation
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.throughput import throughput_summary
-from afpt.stages import build_trainer, check_ckpt_path, init_from, merged, publish_run, require_replicated, to_dict
 
 
 def check_protocol(a: DictConfig) -> None:

@@ -10,10 +10,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from afpt.app.stages import to_dict
+from afpt.artifacts.io import write_json
 from afpt.data.blocks import CorpusDataModule
-from afpt.io import write_json
 from afpt.models import ModelConfig, check_model_dir
-from afpt.stages import to_dict
 
 log = logging.getLogger("afpt")
 

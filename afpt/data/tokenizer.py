@@ -10,9 +10,9 @@ from pathlib import Path
 from filelock import FileLock
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from afpt.artifacts.io import atomic_save
 from afpt.data.store import file_hash
 from afpt.errors import DataError
-from afpt.io import atomic_save
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"

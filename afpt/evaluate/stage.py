@@ -13,6 +13,9 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from afpt.app.stages import init_from, to_dict
+from afpt.artifacts.io import write_json, write_text
+from afpt.artifacts.plots import plot_comparison
 from afpt.data import DataError, check_hub_reachable, heldout_texts, load_tokenizer, world_from_config
 from afpt.errors import AfptError
 from afpt.evaluate.harness import (
@@ -26,10 +29,7 @@ from afpt.evaluate.harness import (
 )
 from afpt.evaluate.metrics import batch_size_for, device_for, isotropy, language_perplexities
 from afpt.evaluate.report import chart_panels, flat_metrics, markdown_report
-from afpt.io import write_json, write_text
 from afpt.models import check_model_dir, load_model
-from afpt.plots import plot_comparison
-from afpt.stages import init_from, to_dict
 
 log = logging.getLogger("afpt")
 

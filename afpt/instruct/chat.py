@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from afpt.adapt.expansion import expand_vocabulary
+from afpt.app.stages import to_dict
 from afpt.data import (
     DataError,
     LoaderOptions,
@@ -25,7 +26,6 @@ from afpt.data import (
 )
 from afpt.data.world import World
 from afpt.models import on_eval_device
-from afpt.stages import to_dict
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHATML_TEMPLATE = (

@@ -11,6 +11,16 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 from afpt.adapt.splice import vocabulary_parameters
+from afpt.app.stages import (
+    build_trainer,
+    check_ckpt_path,
+    init_from,
+    merged,
+    publish_run,
+    require_replicated,
+    scalar_metrics,
+    to_dict,
+)
 from afpt.data import DataError, load_tokenizer
 from afpt.errors import AfptError, check_number
 from afpt.instruct.chat import (
@@ -24,16 +34,6 @@ from afpt.instruct.chat import (
 from afpt.models import check_model_dir, load_model
 from afpt.pretrain.module import CausalLMModule
 from afpt.speed.throughput import throughput_summary
-from afpt.stages import (
-    build_trainer,
-    check_ckpt_path,
-    init_from,
-    merged,
-    publish_run,
-    require_replicated,
-    scalar_metrics,
-    to_dict,
-)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -10,14 +10,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
-from afpt.data import CorpusDataModule
-from afpt.io import metric_csvs, read_json
-from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model
-from afpt.plots import plot_loss_with_resets
-from afpt.pretrain.module import CausalLMModule
-from afpt.speed.distributed import full_model_state_dict, layout
-from afpt.speed.throughput import throughput_summary
-from afpt.stages import (
+from afpt.app.stages import (
     build_forgetting,
     build_trainer,
     check_batches,
@@ -26,6 +19,13 @@ from afpt.stages import (
     scalar_metrics,
     to_dict,
 )
+from afpt.artifacts.io import metric_csvs, read_json
+from afpt.artifacts.plots import plot_loss_with_resets
+from afpt.data import CorpusDataModule
+from afpt.models import ModelConfig, build_model, check_model_dir, count_parameters, load_model
+from afpt.pretrain.module import CausalLMModule
+from afpt.speed.distributed import full_model_state_dict, layout
+from afpt.speed.throughput import throughput_summary
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

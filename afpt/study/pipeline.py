@@ -10,9 +10,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from afpt.app.stages import forgetting_on, run_stage
+from afpt.artifacts.io import read_json, write_json
 from afpt.errors import AfptError
-from afpt.io import read_json, write_json
-from afpt.stages import forgetting_on, run_stage
 from afpt.study.report import write_report
 
 log = logging.getLogger("afpt")

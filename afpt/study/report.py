@@ -9,8 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from afpt.artifacts.io import write_text
 from afpt.evaluate.report import flat_metrics, format_value, markdown_tables
-from afpt.io import write_text
 
 log = logging.getLogger("afpt")
 ARMS = ("af", "baseline")

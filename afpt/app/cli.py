@@ -15,9 +15,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from afpt.console import drop_lightning_console_handler, log_to_files, quiet_library_noise, summary_block
+from afpt.app.console import drop_lightning_console_handler, log_to_files, quiet_library_noise, summary_block
+from afpt.app.rundir import check_run_name, discard, fail, is_fresh, is_rank_zero, run_lock
 from afpt.errors import AfptError
-from afpt.runs import check_run_name, discard, fail, is_fresh, is_rank_zero, run_lock
 
 log = logging.getLogger("afpt")
 
@@ -45,7 +45,7 @@ def app(cfg: DictConfig) -> float | None:
     quiet_library_noise()
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from afpt.stages import run_stage
+    from afpt.app.stages import run_stage
 
     drop_lightning_console_handler()
 

@@ -17,10 +17,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from afpt.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, PreemptionCheckpoint, resolve_ckpt_path
+from afpt.artifacts.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, PreemptionCheckpoint, resolve_ckpt_path
+from afpt.artifacts.tracking import build_loggers
 from afpt.errors import AfptError, build_target
 from afpt.speed.distributed import layout
-from afpt.tracking import build_loggers
 
 log = logging.getLogger("afpt")
 
@@ -170,9 +170,9 @@ def publish_run(
 ) -> dict[str, Any]:
     """A trained stage's epilogue, on rank 0: ``model/`` (with ``tokenizer``; ``state_dict`` when gathered from
     shards), ``metrics.json``, the stage's ``plot``, and every artifact to the trackers. Returns ``metrics``."""
-    from afpt.io import write_json
+    from afpt.artifacts.io import write_json
+    from afpt.artifacts.tracking import publish_artifacts
     from afpt.models import save_model_dir
-    from afpt.tracking import publish_artifacts
 
     if trainer.is_global_zero:
         save_model_dir(model, tokenizer, run_dir / "model", state_dict)

@@ -19,8 +19,8 @@ from filelock import FileLock, Timeout
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from afpt.artifacts.io import clean_stale
 from afpt.errors import AfptError
-from afpt.io import clean_stale
 
 LOCK_NAME = ".afpt.lock"
 HOLDER_NAME = ".afpt.holder.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import matplotlib
 
-from afpt.io import atomic_write, read_metric
+from afpt.artifacts.io import atomic_write, read_metric
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
