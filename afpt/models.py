@@ -30,6 +30,10 @@ class ModelConfigError(AfptError):
     """A model config key or value that afpt cannot build a model from."""
 
 
+TARGET = "afpt.models.ModelConfig"
+"""The ``_target_`` of the ``model`` config group."""
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a decoder; one YAML file per size under ``conf/model/``."""
@@ -74,7 +78,19 @@ class ModelConfig:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> ModelConfig:
-        """Build from a config mapping, naming any unknown key."""
+        """Build from a config mapping (``conf/model/``'s, whose ``_target_`` names this class), naming any unknown
+        key."""
+        values = dict(values)
+        target = values.pop("_target_", None)
+        if target is not None and target != TARGET:
+            from hydra.utils import get_class
+
+            try:
+                cls = get_class(target)
+            except Exception as err:
+                raise ModelConfigError(f"model._target_={target!r} cannot be imported: {err}") from None
+            if not (isinstance(cls, type) and issubclass(cls, ModelConfig)):
+                raise ModelConfigError(f"model._target_={target!r} must name {TARGET} or a subclass of it")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

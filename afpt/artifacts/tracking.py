@@ -36,8 +36,9 @@ class MLFlowLogger(LightningMLFlowLogger):
         super().log_metrics(metrics, step)
 
 
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    """The ``logger`` group's loggers, each given the resolved config (and ``run_dir``) as hyperparameters."""
+def make_loggers(cfg: DictConfig) -> list[Logger]:
+    """The ``logger`` group's loggers, built (no tracker run is started yet); a missing tracker package is one clear
+    error naming its extra."""
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is None:
@@ -49,6 +50,12 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
         if package == "mlflow" and (uri.startswith("file:") or "://" not in uri):  # a local file store
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: see conf/logger/mlflow.yaml
         loggers.append(build_target(node, f"logger.{name}"))
+    return loggers
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    """``make_loggers``, each given the resolved config (and ``run_dir``) as hyperparameters."""
+    loggers = make_loggers(cfg)
     if loggers:
         params = {"run_dir": str(cfg.paths.run_dir), **config_params(cfg)}
         for logger in loggers:
