@@ -181,8 +181,10 @@ def main() -> None:
         for s, m in runs.items():
             if s in base:
                 step = steps_to(per_char_curve(m), min(v for _, v in per_char_curve(base[s])))
-                reach.append(step) if step is not None else None
-                never += step is None
+                if step is None:
+                    never += 1
+                else:
+                    reach.append(step)
         reached = f"{statistics.fmean(reach):.0f}" if reach else "–"
         best = f"{statistics.fmean(m['best_step'] for m in base.values()):.0f}" if base else "–"
         lines.append(

@@ -18,8 +18,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from afpt.artifacts.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, PreemptionCheckpoint, resolve_ckpt_path
-from afpt.artifacts.tracking import build_loggers
+from afpt.artifacts.io import write_json
+from afpt.artifacts.tracking import build_loggers, publish_artifacts
 from afpt.errors import AfptError, build_target
+from afpt.models import save_model_dir
 from afpt.speed.distributed import layout
 
 log = logging.getLogger("afpt")
@@ -170,10 +172,6 @@ def publish_run(
 ) -> dict[str, Any]:
     """A trained stage's epilogue, on rank 0: ``model/`` (with ``tokenizer``; ``state_dict`` when gathered from
     shards), ``metrics.json``, the stage's ``plot``, and every artifact to the trackers. Returns ``metrics``."""
-    from afpt.artifacts.io import write_json
-    from afpt.artifacts.tracking import publish_artifacts
-    from afpt.models import save_model_dir
-
     if trainer.is_global_zero:
         save_model_dir(model, tokenizer, run_dir / "model", state_dict)
         write_json(metrics, run_dir / "metrics.json")

@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from afpt.errors import AfptError
 from afpt.models import find_model, is_tied
-from afpt.pretrain.episodes import EpisodeLearningRate, EpisodeSaver, embedding_param_group
+from afpt.pretrain.episodes import EpisodeLearningRate, EpisodeSaver
 from afpt.pretrain.reinit import (
     HEAD_POLICIES,
     INITS,
@@ -216,11 +216,6 @@ class ActiveForgetting(Callback):
                 "Use head='auto' or untie the head (model.tie_word_embeddings=false)."
             )
 
-    def embedding_param_group(self, trainer: Trainer, pl_module: LightningModule) -> dict:
-        """The optimizer param group that holds the input embedding."""
-        return embedding_param_group(trainer, pl_module)
-
-    # ----------------------------------------------------------------- the reset
     def due(self, trainer: Trainer) -> bool:
         """Whether a reset is due before this batch: right after every K-th optimizer step, once, until
         ``stop_after_steps`` and never after the final step."""

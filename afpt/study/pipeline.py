@@ -33,7 +33,8 @@ def arms(cfg: DictConfig) -> dict[str, DictConfig | None]:
 @dataclass(frozen=True)
 class Step:
     """One stage run of the study: its run directory's name, the stage, the config keys it sets (dotted paths, over
-    the study's config), and the step whose model it starts from (a rerun there makes this one stale)."""
+    the study's config), and the step whose model it starts from (a rerun there makes this one stale; ``"*"``: it
+    reads every earlier step's model, so any rerun does)."""
 
     name: str
     stage: str
