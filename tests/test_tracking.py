@@ -32,11 +32,12 @@ def test_mlflow_stores_config_metrics_and_artifacts(tmp_path, monkeypatch):
 
 
 def test_wandb_offline_stores_config_metrics_and_artifacts(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
     pretrain.run(compose_config(run_dir, ["logger=wandb", *RUN]))
+    wandb.teardown()  # the wandb service writes the run file in the background; this waits until it has
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     stored = wandb_offline_run(offline)
     assert stored["config"]["run_dir"] == str(run_dir) and stored["config"]["optim"]["lr"] == 0.003
