@@ -13,14 +13,15 @@ class DataError(AfptError):
     """A corpus, file or data option that cannot be used, with the key or file that caused it."""
 
 
-def build_target(node: Any, key: str) -> Any:
-    """Instantiate the ``_target_`` config node at ``key``; a failure (an unknown target, a bad argument) becomes
-    one AfptError naming the key and the target, and an AfptError the object raises itself passes through."""
+def build_target(node: Any, key: str, **kwargs: Any) -> Any:
+    """Instantiate the ``_target_`` config node at ``key`` (``kwargs`` as Hydra's ``instantiate`` takes them); a
+    failure (an unknown target, a bad argument) becomes one AfptError naming the key and the target, and an
+    AfptError the object raises itself passes through."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        return instantiate(node)
+        return instantiate(node, **kwargs)
     except InstantiationException as err:
         if isinstance(err.__cause__, AfptError):
             raise err.__cause__ from None

@@ -16,11 +16,11 @@ from helpers import compose_config
 from omegaconf import DictConfig
 
 from afpt.adapt.stage import check_protocol
-from afpt.app.stages import build_forgetting, merged, stage_callbacks, to_dict
+from afpt.app.stages import build_forgetting, build_optim, stage_callbacks, to_dict
 from afpt.artifacts.tracking import make_loggers
 from afpt.errors import AfptError, build_target
 from afpt.models import ModelConfig
-from afpt.pretrain.module import CausalLMModule
+from afpt.pretrain.optim import OptimConfig
 
 CONF = Path(afpt.conf.__file__).parent
 # Groups whose options are Hydra's own (launchers) or change the sweeper, not what a run builds.
@@ -40,11 +40,11 @@ def options() -> list[str]:
 def build_everything(cfg: DictConfig) -> list[object]:
     """What the stages build from ``cfg`` before training, in the order they build it; raises as they would."""
     built: list[object] = [ModelConfig.from_mapping(to_dict(cfg.model))]
-    CausalLMModule.check_options(to_dict(cfg.optim))
-    CausalLMModule.check_options(merged(cfg.optim, cfg.adapt.optim), prefix="adapt.optim")
-    CausalLMModule.check_options(merged(cfg.optim, cfg.instruct.optim), prefix="instruct.optim")
+    optims = [build_optim(cfg), build_optim(cfg, cfg.adapt.optim, "adapt.optim")]
+    optims.append(build_optim(cfg, cfg.instruct.optim, "instruct.optim"))
     check_protocol(cfg.adapt)
     built.append(build_forgetting(cfg.forgetting))
+    built += optims
     built += stage_callbacks(cfg)
     built += make_loggers(cfg)  # built, no tracker run started (that happens in training)
     for key in ("strategy", "profiler"):
@@ -79,6 +79,7 @@ def test_every_group_option_builds(tmp_path, override, monkeypatch):
             assert type(callback).__name__ == cfg.forgetting._target_.rsplit(".", 1)[-1]
     if group == "model":
         assert built[0].name == option
+    assert [type(b) for b in built[2:5]] == [OptimConfig] * 3
     if group == "logger" and option != "none":
         assert any(type(b).__name__.lower().startswith(option) for b in built)
 
@@ -87,6 +88,18 @@ def test_a_bad_target_in_a_group_is_one_clear_error(tmp_path):
     cfg = compose_config(tmp_path, ["forgetting._target_=afpt.pretrain.forgetting.NoSuchCallback"], tiny=False)
     with pytest.raises(AfptError, match="forgetting"):
         build_everything(cfg)
+
+
+def test_the_optim_group_builds_an_optim_config_with_each_stage_s_settings_over_it(tmp_path):
+    cfg = compose_config(tmp_path, ["optim.lr=0.01", "optim.eps=1e-6", "adapt.optim.lr=0.002"], tiny=False)
+    assert cfg.optim._target_ == "afpt.pretrain.optim.OptimConfig.from_options"
+    pretrain, adapt = build_optim(cfg), build_optim(cfg, cfg.adapt.optim, "adapt.optim")
+    assert (pretrain.lr, pretrain.eps, adapt.lr, adapt.eps) == (0.01, 1e-6, 0.002, 1e-6)
+    assert adapt.weight_decay == pretrain.weight_decay == cfg.optim.weight_decay
+    assert isinstance(pretrain.betas, list) and pretrain.as_kwargs()["betas"] == [0.9, 0.95]
+    cfg = compose_config(tmp_path, ["+adapt.optim.lrr=1"], tiny=False)
+    with pytest.raises(AfptError, match=r"adapt.optim.lrr is not an optim setting; expected one of \['activation"):
+        build_optim(cfg, cfg.adapt.optim, "adapt.optim")
 
 
 class WideModelConfig(ModelConfig):

@@ -9,6 +9,7 @@ from lightning.pytorch import Callback
 
 from afpt import CausalLMModule
 from afpt.errors import AfptError
+from afpt.pretrain.optim import OptimConfig
 from afpt.speed.levers import activation_checkpointing_on
 
 
@@ -86,9 +87,9 @@ def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     cfg = compose_config(tmp_path, ["optim.compile_options={coordinate_descent_tuning:true}", "optim.compile=true"])
-    from afpt.app.stages import to_dict
+    from afpt.app.stages import build_optim
 
-    module = CausalLMModule(tiny_llama(tied=True), **to_dict(cfg.optim))
+    module = CausalLMModule(tiny_llama(tied=True), **build_optim(cfg).as_kwargs())
     fit(module, [], max_steps=1)
     assert seen == [("_hf_loss", {"mode": None, "options": {"coordinate_descent_tuning": True}})]
 
@@ -303,13 +304,14 @@ def test_bad_optim_settings_stop_pretraining_before_the_data_is_touched(tmp_path
     if override.startswith("+"):
         return  # a keyword argument the module does not take is Python's TypeError
     with pytest.raises(AfptError, match=message):
-        CausalLMModule(tiny_llama(tied=True), **{k: v for k, v in compose_config(tmp_path, [override]).optim.items()})
+        optim = compose_config(tmp_path, [override]).optim
+        CausalLMModule(tiny_llama(tied=True), **{k: v for k, v in optim.items() if k != "_target_"})
 
 
 def test_a_stage_names_its_own_optim_node():
     """``adapt.optim`` over ``optim``: a bad value there is named as ``adapt.optim.<key>``."""
     with pytest.raises(AfptError, match="adapt.optim.lr must be a number > 0, got 0"):
-        CausalLMModule.check_options({"lr": 0}, prefix="adapt.optim")
+        OptimConfig.from_options(where="adapt.optim", lr=0)
     with pytest.raises(AfptError, match=r"instruct.optim.sdpa_backend must be null or one of .*got 'flsh'"):
-        CausalLMModule.check_options({"sdpa_backend": "flsh"}, prefix="instruct.optim")
-    CausalLMModule.check_options({"lr": 1e-3, "betas": (0.9, 0.95), "embedding_lr": None, "total_steps": 10})
+        OptimConfig.from_options(where="instruct.optim", sdpa_backend="flsh")
+    OptimConfig.from_options(lr=1e-3, betas=(0.9, 0.95), embedding_lr=None, total_steps=10)

@@ -31,7 +31,15 @@ from afpt.adapt.expansion import (
 )
 from afpt.adapt.focus import focus_new_rows
 from afpt.adapt.initializers import HELPER_INITIALIZERS, INITIALIZERS
-from afpt.app.stages import build_trainer, check_ckpt_path, init_from, merged, publish_run, require_replicated, to_dict
+from afpt.app.stages import (
+    build_optim,
+    build_trainer,
+    check_ckpt_path,
+    init_from,
+    publish_run,
+    require_replicated,
+    to_dict,
+)
 from afpt.artifacts.plots import plot_adaptation
 from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corpus, world_languages
 from afpt.errors import AfptError
@@ -76,8 +84,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(a.token_budget, bool) or not isinstance(a.token_budget, (int, float)) or not a.token_budget >= 1:
         raise AfptError(f"adapt.token_budget must be a positive number of tokens, got {a.token_budget!r}")
     check_protocol(a)
-    CausalLMModule.check_options(to_dict(cfg.optim))
-    CausalLMModule.check_options(merged(cfg.optim, a.optim), prefix="adapt.optim")
+    build_optim(cfg)
+    optim = build_optim(cfg, a.optim, "adapt.optim")
     eval_device = device_for(cfg.evaluate.device)
     eval_batch = batch_size_for(cfg.evaluate.batch_size, eval_device)
     check_model_dir(source)
@@ -149,7 +157,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pin_memory=cfg.data.pin_memory,
         seed=cfg.seed,
     )
-    module = CausalLMModule(model, **merged(cfg.optim, a.optim))
+    module = CausalLMModule(model, **optim.as_kwargs())
     val_every = max(1, min(max_steps, a.val_every_n_steps))
     best = BestWeights()
     trainer = build_trainer(

@@ -22,6 +22,7 @@ from afpt.artifacts.io import write_json
 from afpt.artifacts.tracking import build_loggers, publish_artifacts
 from afpt.errors import AfptError, build_target
 from afpt.models import save_model_dir
+from afpt.pretrain.optim import OptimConfig
 from afpt.speed.distributed import layout
 
 log = logging.getLogger("afpt")
@@ -53,6 +54,13 @@ def to_dict(node: Any) -> Any:
 def merged(base: DictConfig, override: DictConfig | None) -> dict[str, Any]:
     """``base`` with a stage's own settings (e.g. ``adapt.optim`` over ``optim``) on top, as a plain dict."""
     return to_dict(OmegaConf.merge(base, override or {}))
+
+
+def build_optim(cfg: DictConfig, over: DictConfig | None = None, where: str = "optim") -> OptimConfig:
+    """The ``optim`` group's ``OptimConfig`` (its ``_target_``), with a stage's own settings ``over`` it (e.g.
+    ``adapt.optim``; errors then name ``where``). Checked as it is built: before any data or model work."""
+    node = cfg.optim if over is None else OmegaConf.merge(to_dict(cfg.optim), to_dict(over))
+    return build_target(node, where, where=where, _convert_="all")
 
 
 def init_from(cfg: DictConfig, stage: str) -> str:

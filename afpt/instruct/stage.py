@@ -12,10 +12,10 @@ from omegaconf import DictConfig
 
 from afpt.adapt.splice import vocabulary_parameters
 from afpt.app.stages import (
+    build_optim,
     build_trainer,
     check_ckpt_path,
     init_from,
-    merged,
     publish_run,
     require_replicated,
     scalar_metrics,
@@ -48,8 +48,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_number("instruct.eval_questions", i.eval_questions, least=0, integer=True)
     if not (isinstance(i.heldout_fraction, (int, float)) and 0 <= i.heldout_fraction < 1):
         raise AfptError(f"instruct.heldout_fraction must be a number in [0, 1), got {i.heldout_fraction!r}")
-    CausalLMModule.check_options(to_dict(cfg.optim))
-    CausalLMModule.check_options(merged(cfg.optim, i.optim), prefix="instruct.optim")
+    build_optim(cfg)
+    optim = build_optim(cfg, i.optim, "instruct.optim")
     check_model_dir(source)
     ckpt_path = check_ckpt_path(cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         i.pin_memory,
     )
     steps = i.epochs * math.ceil(len(train) / i.batch_size)
-    module = CausalLMModule(model, **{**merged(cfg.optim, i.optim), "total_steps": steps, "dynamic_length": True})
+    module = CausalLMModule(model, **{**optim.as_kwargs(), "total_steps": steps, "dynamic_length": True})
     validation = {"check_val_every_n_epoch": 1, "limit_val_batches": 1.0 if val else 0}
     trainer = build_trainer(cfg, run_dir, [], **{**to_dict(i.trainer), **validation})
     require_replicated(trainer, "instruct")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,14 +12,12 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from afpt.errors import AfptError, check_number
+from afpt.errors import AfptError
 from afpt.models import ModelConfig, build_model, load_model, untied_head
-from afpt.pretrain.schedule import DECAYS, lr_factor
+from afpt.pretrain.optim import OptimConfig
 from afpt.speed.attention import one_sequence_per_row
 from afpt.speed.distributed import full_value, layout
-from afpt.speed.levers import ModelTransforms, check_levers, liger_loss, pin_sdpa_kernel
-
-SKIP = ("self", "model")  # CausalLMModule's arguments that are not optim settings
+from afpt.speed.levers import ModelTransforms, liger_loss, pin_sdpa_kernel
 
 
 class CausalLMModule(pl.LightningModule):
@@ -86,8 +83,7 @@ class CausalLMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
-        options = self.option_defaults()
-        self.check_options({k: v for k, v in self.hparams.items() if k in options})
+        self.optim = OptimConfig.from_options(**{k: v for k, v in self.hparams.items() if k in OptimConfig.names()})
         self.model_spec = None
         if isinstance(model, str):
             model = load_model(model)
@@ -104,45 +100,6 @@ class CausalLMModule(pl.LightningModule):
         self.val_names: list[str] = []
         self._sdpa_pin: contextlib.ExitStack | None = None
         self.transforms = ModelTransforms()
-
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        """The ``optim`` settings this class takes (its keyword arguments but ``model``) and their defaults."""
-        return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n not in SKIP}
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any], prefix: str = "optim") -> None:
-        """One clear error for ``optim`` settings (this class's keyword arguments) that cannot work: an unknown
-        key, a value of the wrong type or out of range, a speed lever this machine cannot run. The stages call it
-        before any data or model work; ``prefix`` is the config node the error names (``adapt.optim``)."""
-        defaults = cls.option_defaults()
-        unknown = sorted(set(options) - set(defaults))
-        if unknown:
-            raise AfptError(f"{prefix}.{unknown[0]} is not an optim setting; expected one of {sorted(defaults)}")
-        o = {**defaults, **options}
-        check_levers(
-            o["loss"], o["compile"], o["compile_mode"], o["compile_options"], o["sdpa_backend"], o["fp8"],
-            o["fp8_recipe"], o["fp8_linears"], prefix,
-        )  # fmt: skip
-        if o["decay"] not in DECAYS:
-            raise AfptError(f"{prefix}.decay must be one of {DECAYS}, got {o['decay']!r}")
-        check_number(f"{prefix}.lr", o["lr"], above=0)
-        check_number(f"{prefix}.eps", o["eps"], above=0)
-        check_number(f"{prefix}.weight_decay", o["weight_decay"], least=0)
-        check_number(f"{prefix}.embedding_weight_decay", o["embedding_weight_decay"], least=0)
-        check_number(f"{prefix}.warmup_fraction", o["warmup_fraction"], least=0, most=1)
-        check_number(f"{prefix}.min_lr_ratio", o["min_lr_ratio"], least=0, most=1)
-        if o["embedding_lr"] is not None:
-            check_number(f"{prefix}.embedding_lr", o["embedding_lr"], above=0)
-        if o["grad_clip"] is not None:
-            check_number(f"{prefix}.grad_clip", o["grad_clip"], above=0)
-        if o["total_steps"] is not None:
-            check_number(f"{prefix}.total_steps", o["total_steps"], least=1, integer=True)
-        betas = o["betas"]
-        if isinstance(betas, str) or not (isinstance(betas, Sequence) and len(betas) == 2):
-            raise AfptError(f"{prefix}.betas must be two numbers in [0, 1), got {betas!r}")
-        for beta in betas:
-            check_number(f"{prefix}.betas", beta, least=0, below=1)
 
     def compiles(self) -> bool:
         """Whether the model is compiled: ``compile`` as given, or for ``"auto"`` when running on CUDA."""
@@ -259,21 +216,9 @@ class CausalLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (fused on CUDA by default) with warmup and decay, stepped every optimizer step."""
-        hp = self.hparams
-        fp16 = str(self.trainer.precision).startswith("16")
-        fused = hp.fused if hp.fused is not None else (self.device.type == "cuda" and not fp16)
-        if fused and fp16 and hp.grad_clip:
-            raise AfptError(
-                "optim.fused=true with trainer.precision=16-mixed cannot clip unscaled gradients; "
-                "set optim.fused=false, optim.grad_clip=null, or use bf16-mixed"
-            )
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
-        total = int(hp.total_steps or self.trainer.estimated_stepping_batches)
-        warmup = int(hp.warmup_fraction * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total, warmup, hp.min_lr_ratio, hp.decay)
+        return self.optim.build(
+            self.param_groups(), self.trainer.estimated_stepping_batches, self.device, str(self.trainer.precision)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def adamw_param_groups(

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from afpt.app.stages import (
     build_forgetting,
+    build_optim,
     build_trainer,
     check_batches,
     check_ckpt_path,
@@ -42,7 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         positions = config.get("max_position_embeddings") or config.get("n_positions")
     check_batches(cfg.data, positions)
     # Every setting is checked before the tokenizer and the store: a bad one fails with nothing written.
-    CausalLMModule.check_options(to_dict(cfg.optim))
+    optim = build_optim(cfg)
     forgetting = build_forgetting(cfg.get("forgetting"))
     trainer = build_trainer(cfg, run_dir, [forgetting] if forgetting else [])
     datamodule = CorpusDataModule(
@@ -63,7 +64,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         model = build_model(model_cfg, len(tokenizer), special)
-    module = CausalLMModule(model, **to_dict(cfg.optim))
+    module = CausalLMModule(model, **optim.as_kwargs())
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
