@@ -9,6 +9,8 @@ import datasets
 import pytest
 
 from afpt.data import DataError, check_hub_reachable, load_corpus, train_tokenizer
+from afpt.data.sources import TextSource
+from afpt.data.store import Part
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet"])
@@ -101,3 +103,27 @@ def test_new_languages_stay_out_of_pretraining_and_are_adaptations_default(tmp_p
     )
     with pytest.raises(DataError, match=r"data.languages and data.new_languages share \['sw'\]"):
         CorpusDataModule(bad.data, run_dir=tmp_path / "bad", vocab_size=512, seed=0)
+
+
+class TwoDocuments(TextSource):
+    """A user's own text source: two documents per language and split."""
+
+    def parts(self, languages=None):
+        def part(lang, split):
+            docs = [f"{lang} {split} one", f"{lang} {split} two"]
+            return Part(lang, split, {"source": "two", "lang": lang}, lambda start: iter(docs[start:]))
+
+        langs = list(languages or ["en"])
+        return [part(lang, "train") for lang in langs], [part(lang, "validation") for lang in langs]
+
+
+def test_data_source_names_a_registered_source_or_a_user_s_class():
+    corpus = load_corpus({"source": f"{__name__}.TwoDocuments"}, ["en", "fi"])
+    assert corpus.train["fi"]["text"] == ["fi train one", "fi train two"]
+    assert corpus.validation["en"]["text"] == ["en validation one", "en validation two"]
+    with pytest.raises(DataError, match=r"data.source must be one of \['files', 'hub', 'world'\] or a TextSource"):
+        load_corpus({"source": "nowhere"})
+    with pytest.raises(DataError, match="data.source='collections.OrderedDict' must name a subclass of"):
+        load_corpus({"source": "collections.OrderedDict"})
+    with pytest.raises(DataError, match="data.source='afpt.nowhere.Source' cannot be imported"):
+        load_corpus({"source": "afpt.nowhere.Source"})

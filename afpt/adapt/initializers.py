@@ -38,21 +38,30 @@ def init_mean(source: torch.Tensor, n_new: int, generator: torch.Generator, epsi
     return mean + noise @ factor.T
 
 
-def overlap_weights(helper_new: torch.Tensor, helper_overlap: torch.Tensor, method: str) -> torch.Tensor:
-    """Weights (n_new x n_overlap) over overlapping tokens from cosine similarities in the helper space.
+def clp_weights(sims: torch.Tensor) -> torch.Tensor:
+    """CLP-Transfer: cos / sum(cos) over all overlapping tokens."""
+    return sims / sims.sum(dim=1, keepdim=True)
 
-    ``clp``: cos / sum(cos) over all overlapping tokens (CLP-Transfer); ``focus_helper``: sparsemax(cos), a
-    sparse convex combination (FOCUS's weighting over the helper decoder's embeddings).
-    """
+
+def focus_helper_weights(sims: torch.Tensor) -> torch.Tensor:
+    """sparsemax(cos): a sparse convex combination (FOCUS's weighting over the helper decoder's embeddings)."""
+    return sparsemax(sims, dim=1)
+
+
+# The adapt.init values that weight overlapping tokens' rows, and how.
+OVERLAP_WEIGHTS = {"clp": clp_weights, "focus_helper": focus_helper_weights}
+
+
+def overlap_weights(helper_new: torch.Tensor, helper_overlap: torch.Tensor, method: str) -> torch.Tensor:
+    """Weights (n_new x n_overlap) over overlapping tokens from cosine similarities in the helper space, by the
+    ``OVERLAP_WEIGHTS`` entry ``method`` names."""
+    if method not in OVERLAP_WEIGHTS:
+        raise AfptError(f"adapt.init={method!r} has no overlap weights; expected one of {sorted(OVERLAP_WEIGHTS)}")
     sims = (
         torch.nn.functional.normalize(helper_new.float(), dim=1)
         @ torch.nn.functional.normalize(helper_overlap.float(), dim=1).T
     )
-    if method == "clp":
-        return sims / sims.sum(dim=1, keepdim=True)
-    if method == "focus_helper":
-        return sparsemax(sims, dim=1)
-    raise AfptError(f"adapt.init={method!r} has no overlap weights; expected 'clp' or 'focus_helper'")
+    return OVERLAP_WEIGHTS[method](sims)
 
 
 def init_from_overlap(

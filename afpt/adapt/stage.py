@@ -41,7 +41,7 @@ from afpt.app.stages import (
     to_dict,
 )
 from afpt.artifacts.plots import plot_adaptation
-from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corpus, world_languages
+from afpt.data import PretrainDataModule, load_corpus, load_tokenizer, pack_corpus, text_source
 from afpt.errors import AfptError
 from afpt.evaluate.metrics import batch_size_for, device_for, language_perplexities
 from afpt.models import check_model_dir, is_tied, load_model, on_eval_device
@@ -86,8 +86,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_protocol(a)
     build_optim(cfg)
     optim = build_optim(cfg, a.optim, "adapt.optim")
-    eval_device = device_for(cfg.evaluate.device)
-    eval_batch = batch_size_for(cfg.evaluate.batch_size, eval_device)
+    eval_device = device_for(a.eval_device)
+    eval_batch = batch_size_for(a.eval_batch_size, eval_device)
     check_model_dir(source)
     ckpt_path = check_ckpt_path(cfg)
     base = load_tokenizer(source)
@@ -95,12 +95,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     target = a.vocab_size or (len(base) if replace else len(base) + a.new_tokens)
     if target < len(base) and not replace:
         raise AfptError(f"adapt.vocab_size={target} is smaller than the model's vocabulary ({len(base)} tokens)")
-    langs = list(a.languages or world_languages(cfg.data, "heldout_languages"))
-    if cfg.data.source == "world":
-        known = world_languages(cfg.data, "pretrain_languages") + world_languages(cfg.data, "heldout_languages")
-        unknown = [lang for lang in langs if lang not in known]
-        if unknown:
-            raise AfptError(f"adapt.languages {unknown} are not world languages; expected some of {known}")
+    texts = text_source(to_dict(cfg.data))
+    langs = list(a.languages or texts.languages("heldout_languages"))
+    known = texts.known_languages()
+    unknown = [lang for lang in langs if known is not None and lang not in known]
+    if unknown:
+        raise AfptError(f"adapt.languages {unknown} are not {cfg.data.source} languages; expected some of {known}")
     pl.seed_everything(cfg.seed, workers=True)
     corpus = load_corpus(cfg.data, langs)
     missing = [lang for lang in langs if len(corpus.validation.get(lang, [])) == 0]
@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     block = cfg.data.block_size
     # Scored as the evaluate stage scores held-out text (its context and batch), so "after" here is the adapted
     # model's number there.
-    context = cfg.evaluate.heldout.max_length or model.config.max_position_embeddings
+    context = a.eval_max_length or model.config.max_position_embeddings
     with on_eval_device(model, eval_device.type):
         before = language_perplexities(model, base, heldout, context, eval_batch)
     train_blocks, val_blocks = pack_corpus(corpus, tokenizer, block, cfg.data.max_val_blocks)

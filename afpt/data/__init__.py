@@ -10,6 +10,7 @@ from afpt.data.sources import (
     load_corpus,
     load_records,
     load_text_files,
+    text_source,
     world_from_config,
     world_languages,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "load_tokenizer",
     "pack",
     "pack_corpus",
+    "text_source",
     "tokenizer_for_run",
     "train_tokenizer",
     "world_from_config",

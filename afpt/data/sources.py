@@ -1,4 +1,4 @@
-"""Text sources, one switch for every stage: the embedded world, local files, or a hub dataset.
+"""Text sources, one table of them for every stage: the embedded world, local files, or a hub dataset.
 
 Every corpus passes through ``datasets``; each language becomes one ``Dataset`` with a ``text`` column.
 """
@@ -48,18 +48,8 @@ def world_from_config(cfg: Mapping[str, Any]) -> World:
 
 
 def world_languages(cfg: Mapping[str, Any], key: str) -> list[str]:
-    """The ``pretrain_languages`` or ``heldout_languages`` of a data config: the world's, or for local files
-    ``data.new_languages`` (held out) and the other languages of ``data.files`` (pretraining)."""
-    if cfg.get("source") == "files" and cfg.get("new_languages"):
-        new = list(cfg["new_languages"])
-        files = as_file_map(cfg.get("files"), "data.files")
-        return new if key == "heldout_languages" else [lang for lang in files if lang not in new]
-    if cfg.get("source") != "world":
-        raise DataError(
-            f"data.source={cfg.get('source')!r}: name the new languages (data.new_languages=[...] for files, "
-            "or adapt.languages=[...])"
-        )
-    return list(getattr(world_from_config(cfg["world"]).config, key))
+    """The ``pretrain_languages`` or ``heldout_languages`` of a data config (``text_source(cfg).languages``)."""
+    return text_source(cfg).languages(key)
 
 
 def check_new_languages(cfg: Mapping[str, Any]) -> None:
@@ -73,7 +63,6 @@ def check_new_languages(cfg: Mapping[str, Any]) -> None:
         )
 
 
-SOURCES = ("world", "files", "hub")
 SPLITS = ("train", "validation")
 
 
@@ -82,8 +71,7 @@ def load_corpus(
 ) -> Corpus:
     """The corpus a ``data`` config describes, for ``languages`` (default: the config's own), in memory.
 
-    For the small corpora of adaptation and evaluation: the documents of ``corpus_parts`` (the one switch
-    over text sources), read whole. ``key`` names the config in errors.
+    For the small corpora of adaptation and evaluation: the documents of ``corpus_parts``, read whole. ``key`` names the config in errors.
     """
     train_parts, val_parts = corpus_parts(cfg, languages, key)
     corpus = Corpus(
@@ -270,64 +258,167 @@ def heldout_texts(cfg: Mapping[str, Any], world: Mapping[str, Any]) -> dict[str,
 
     ``world``: the world config of ``source=world``. Languages default to every language of the source.
     """
-    source, langs, docs = cfg["source"], list(cfg.get("languages") or []), cfg["docs"]
-    if source not in SOURCES:
-        raise DataError(f"evaluate.heldout.source={source!r} is unknown; expected one of {SOURCES}")
-    if source == "world":
-        codes = [spec.code for spec in world_from_config(world).config.languages]
-        langs = langs or codes
-        unknown = [lang for lang in langs if lang not in codes]
-        if unknown:
-            raise DataError(f"evaluate.heldout.languages {unknown} have no held-out text in the world (it has {codes})")
-        spec, split = {"source": "world", "world": world}, "validation"
-    elif source == "files":
-        langs = langs or list(as_file_map(cfg.get("files"), "evaluate.heldout.files"))
-        spec = {"source": "files", "files": cfg["files"], "validation_fraction": 0, "text_field": cfg["text_field"]}
-        split = "train"  # the files are the held-out text
-    else:
-        if not langs:
-            raise DataError("evaluate.heldout.languages is empty: name the hub languages to evaluate")
-        spec, split = {"source": "hub", "hub": {**cfg["hub"], "val_docs": docs, "max_docs": 0}}, "validation"
+    langs, docs = list(cfg.get("languages") or []), cfg["docs"]
+    source = source_class(cfg["source"], "evaluate.heldout.source")
+    spec, langs, split = source.heldout_spec(cfg, world, langs)
     corpus = load_corpus(spec, langs, splits=(split,), key="evaluate.heldout")
     texts = {lang: getattr(corpus, split)[lang]["text"][:docs] for lang in langs}
     empty = [lang for lang, found in texts.items() if not any(t.strip() for t in found)]
     if empty:
-        raise DataError(f"languages {empty} have no held-out text in evaluate.heldout (source={source})")
+        raise DataError(f"languages {empty} have no held-out text in evaluate.heldout (source={cfg['source']})")
     return texts
 
 
 def corpus_parts(
     cfg: Mapping[str, Any], languages: Sequence[str] | None = None, key: str = "data"
 ) -> tuple[list[Part], list[Part]]:
-    """(train, validation) parts of the corpus a ``data`` config describes, for the token store.
+    """(train, validation) parts of the corpus a ``data`` config describes, for the token store."""
+    return text_source(cfg, key).parts(languages)
 
-    Local files are checked here (read once through ``datasets``, which caches them: an unreadable file or
-    too many records without text stops the run before any tokenizer or store work); each part streams its
-    documents when the store asks for them, in the same order and split as ``load_corpus``.
+
+class TextSource:
+    """Where a ``data`` config's text comes from (``data.source``): its parts per language and split.
+
+    Subclasses are registered by name in ``SOURCES``; ``data.source`` names one, or gives a class's dotted
+    path (a user's own source, built with the data config and its key).
     """
-    source = cfg.get("source")
-    if source not in SOURCES:
-        raise DataError(f"data.source must be one of {sorted(SOURCES)}, got {source!r}")
-    if source == "world":
-        world = world_from_config(cfg["world"])
-        langs = list(languages or world.config.pretrain_languages)
-        unknown = [lang for lang in langs if lang not in world.languages]
+
+    def __init__(self, cfg: Mapping[str, Any], key: str = "data") -> None:
+        self.cfg, self.key = cfg, key
+
+    def parts(self, languages: Sequence[str] | None = None) -> tuple[list[Part], list[Part]]:
+        """(train, validation) parts for ``languages`` (default: the config's own), each streaming its documents
+        when the store asks for them."""
+        raise NotImplementedError
+
+    def languages(self, which: str) -> list[str]:
+        """The ``pretrain_languages`` or ``heldout_languages`` (the new languages adaptation and evaluation use)."""
+        raise DataError(
+            f"data.source={self.cfg.get('source')!r}: name the new languages (data.new_languages=[...] for files, "
+            "or adapt.languages=[...])"
+        )
+
+    def known_languages(self) -> list[str] | None:
+        """Every language the source holds, where that is known without reading it (None: not known)."""
+        return None
+
+    @classmethod
+    def heldout_spec(
+        cls, cfg: Mapping[str, Any], world: Mapping[str, Any], langs: list[str]
+    ) -> tuple[dict[str, Any], list[str], str]:
+        """For an ``evaluate.heldout`` config: (the data config to load, its languages, the split holding the
+        held-out text)."""
+        raise NotImplementedError
+
+
+class WorldSource(TextSource):
+    """afpt's embedded synthetic world (``data.world``): every language generated, nothing downloaded."""
+
+    def __init__(self, cfg: Mapping[str, Any], key: str = "data") -> None:
+        super().__init__(cfg, key)
+        self.world = world_from_config(cfg["world"])
+
+    def parts(self, languages: Sequence[str] | None = None) -> tuple[list[Part], list[Part]]:
+        """The world's documents per language, generated when read."""
+        langs = list(languages or self.world.config.pretrain_languages)
+        unknown = [lang for lang in langs if lang not in self.world.languages]
         if unknown:
-            raise DataError(f"data.languages {unknown} are not world languages ({sorted(world.languages)})")
-        identity = {"source": "world", "world": dict(cfg["world"])}
+            raise DataError(f"data.languages {unknown} are not world languages ({sorted(self.world.languages)})")
+        identity = {"source": "world", "world": dict(self.cfg["world"])}
 
-        def world_part(lang: str, split: str) -> Part:
-            return Part(
-                lang,
-                split,
-                {**identity, "lang": lang},
-                lambda start: islice(world.iter_documents(lang, split), start, None),
-            )
+        def part(lang: str, split: str) -> Part:
+            documents = lambda start: islice(self.world.iter_documents(lang, split), start, None)  # noqa: E731
+            return Part(lang, split, {**identity, "lang": lang}, documents)
 
-        return [world_part(lang, "train") for lang in langs], [world_part(lang, "validation") for lang in langs]
-    if source == "files":
-        return _file_parts(cfg, languages, key)
-    return _hub_parts(cfg, languages)
+        return [part(lang, "train") for lang in langs], [part(lang, "validation") for lang in langs]
+
+    def languages(self, which: str) -> list[str]:
+        """The world's own pretraining or held-out languages."""
+        return list(getattr(self.world.config, which))
+
+    def known_languages(self) -> list[str]:
+        """Both."""
+        return self.languages("pretrain_languages") + self.languages("heldout_languages")
+
+    @classmethod
+    def heldout_spec(
+        cls, cfg: Mapping[str, Any], world: Mapping[str, Any], langs: list[str]
+    ) -> tuple[dict[str, Any], list[str], str]:
+        """The world's validation documents (every world language by default)."""
+        codes = [spec.code for spec in world_from_config(world).config.languages]
+        langs = langs or codes
+        unknown = [lang for lang in langs if lang not in codes]
+        if unknown:
+            raise DataError(f"evaluate.heldout.languages {unknown} have no held-out text in the world (it has {codes})")
+        return {"source": "world", "world": world}, langs, "validation"
+
+
+class FileSource(TextSource):
+    """Local txt / jsonl / parquet files (``data.files``), checked when their parts are made."""
+
+    def parts(self, languages: Sequence[str] | None = None) -> tuple[list[Part], list[Part]]:
+        """Each language's files, read once here through ``datasets`` (which caches them: an unreadable file or
+        too many records without text stops the run before any tokenizer or store work)."""
+        return _file_parts(self.cfg, languages, self.key)
+
+    def languages(self, which: str) -> list[str]:
+        """``data.new_languages`` (held out) and the other languages of ``data.files`` (pretraining)."""
+        if not self.cfg.get("new_languages"):
+            return super().languages(which)
+        new = list(self.cfg["new_languages"])
+        files = as_file_map(self.cfg.get("files"), "data.files")
+        return new if which == "heldout_languages" else [lang for lang in files if lang not in new]
+
+    @classmethod
+    def heldout_spec(
+        cls, cfg: Mapping[str, Any], world: Mapping[str, Any], langs: list[str]
+    ) -> tuple[dict[str, Any], list[str], str]:
+        """The files are the held-out text (every language of ``evaluate.heldout.files`` by default)."""
+        langs = langs or list(as_file_map(cfg.get("files"), "evaluate.heldout.files"))
+        spec = {"source": "files", "files": cfg["files"], "validation_fraction": 0, "text_field": cfg["text_field"]}
+        return spec, langs, "train"
+
+
+class HubSource(TextSource):
+    """A Hugging Face Hub dataset (``data.hub``), streamed: one config per language."""
+
+    def parts(self, languages: Sequence[str] | None = None) -> tuple[list[Part], list[Part]]:
+        """The first ``hub.val_docs`` documents of each language's stream held out, the rest for training."""
+        return _hub_parts(self.cfg, languages)
+
+    @classmethod
+    def heldout_spec(
+        cls, cfg: Mapping[str, Any], world: Mapping[str, Any], langs: list[str]
+    ) -> tuple[dict[str, Any], list[str], str]:
+        """The first ``evaluate.heldout.docs`` documents of each named language's stream."""
+        if not langs:
+            raise DataError("evaluate.heldout.languages is empty: name the hub languages to evaluate")
+        return {"source": "hub", "hub": {**cfg["hub"], "val_docs": cfg["docs"], "max_docs": 0}}, langs, "validation"
+
+
+SOURCES: dict[str, type[TextSource]] = {"world": WorldSource, "files": FileSource, "hub": HubSource}
+
+
+def source_class(name: Any, key: str = "data.source") -> type[TextSource]:
+    """The ``TextSource`` class ``name`` gives: a registered name, or a dotted path to a subclass."""
+    if name in SOURCES:
+        return SOURCES[name]
+    if isinstance(name, str) and "." in name:
+        from hydra.utils import get_class
+
+        try:
+            found = get_class(name)
+        except Exception as err:
+            raise DataError(f"{key}={name!r} cannot be imported: {err}") from None
+        if isinstance(found, type) and issubclass(found, TextSource):
+            return found
+        raise DataError(f"{key}={name!r} must name a subclass of afpt.data.sources.TextSource")
+    raise DataError(f"{key} must be one of {sorted(SOURCES)} or a TextSource class's dotted path, got {name!r}")
+
+
+def text_source(cfg: Mapping[str, Any], key: str = "data") -> TextSource:
+    """The source a ``data`` config describes, built."""
+    return source_class(cfg.get("source"))(cfg, key)
 
 
 def _file_identity(paths: Sequence[str], key: str) -> list[tuple[str, int, int]]:
