@@ -3,6 +3,8 @@ policies that say what adaptation trains."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,24 @@ from afpt.data import PretrainDataModule, load_tokenizer
 from afpt.models import ModelConfig, build_model, check_model_dir, is_tied, load_model, padded_vocab, untied_head
 from afpt.pretrain.module import CausalLMModule
 
-POLICIES = ("new_rows_and_head", "embeddings", "embeddings_and_head", "full")
+
+@dataclass(frozen=True)
+class Policy:
+    """What an adaptation policy (``adapt.policy``) trains: the body, the embedding (with a tied head), an untied
+    head; ``only_new_rows``: the embedding's old rows stay as they are (their gradient is zeroed)."""
+
+    body: bool
+    embedding: bool
+    head: bool
+    only_new_rows: bool = False
+
+
+POLICIES = {
+    "new_rows_and_head": Policy(body=False, embedding=True, head=True, only_new_rows=True),
+    "embeddings": Policy(body=False, embedding=True, head=False),
+    "embeddings_and_head": Policy(body=False, embedding=True, head=True),
+    "full": Policy(body=True, embedding=True, head=True),
+}
 REINITS = ("new_rows", "all_rows")
 
 
@@ -185,31 +204,30 @@ class NewRowsHead(nn.Module):
 
 
 def apply_policy(model, policy: str, n_old: int) -> dict[str, int]:
-    """Freeze what the policy freezes; mask the gradient of old embedding rows for ``new_rows_and_head``, where
-    a tied head (without bias) becomes a ``NewRowsHead``. ``embeddings`` trains the embedding (and a tied head
-    with it); ``embeddings_and_head`` an untied head too; ``full`` everything.
+    """Freeze what the ``POLICIES`` entry ``policy`` freezes; where only new rows train, mask the gradient of the
+    old embedding rows, and a tied head (without bias) becomes a ``NewRowsHead``.
 
     Returns the trainable parameter count per group.
     """
+    what = POLICIES[policy]
     embedding = model.get_input_embeddings().weight
     head_module = model.get_output_embeddings()
     head = None if head_module is None else head_module.weight
     for param in model.parameters():
-        param.requires_grad_(policy == "full")
-    if policy in ("new_rows_and_head", "embeddings", "embeddings_and_head"):
-        embedding.requires_grad_(True)
-    if policy in ("new_rows_and_head", "embeddings_and_head") and head is not None:
+        param.requires_grad_(what.body)
+    embedding.requires_grad_(what.embedding)
+    if what.head and head is not None:
         head.requires_grad_(True)
         if getattr(head_module, "bias", None) is not None:
             head_module.bias.requires_grad_(True)
-    if policy == "new_rows_and_head":
+    if what.only_new_rows:
         # Zero the old rows by slicing, on the gradient's own device: a row mask kept from here would sit on
         # the CPU and be copied to the GPU at every backward, a copy that stalls the host on the GPU.
         embedding.register_hook(lambda grad: torch.cat((grad.new_zeros(n_old, *grad.shape[1:]), grad[n_old:])))
         if is_tied(model) and getattr(head_module, "bias", None) is None:
             model.set_output_embeddings(NewRowsHead(embedding, n_old))
     counts = {"embedding_rows": 0, "head": 0, "body": 0}
-    rows = embedding.shape[0] - n_old if policy == "new_rows_and_head" else embedding.shape[0]
+    rows = embedding.shape[0] - n_old if what.only_new_rows else embedding.shape[0]
     counts["embedding_rows"] = rows * embedding.shape[1] if embedding.requires_grad else 0
     head_params = [] if head_module is None or is_tied(model) else list(head_module.parameters())
     counts["head"] = sum(p.numel() for p in head_params if p.requires_grad)
@@ -225,7 +243,7 @@ def frozen_snapshot(model, policy: str, n_old: int) -> dict[str, torch.Tensor]:
     """Copies of everything the policy promises not to change."""
     embedding = model.get_input_embeddings().weight
     snap = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
-    if policy == "new_rows_and_head":
+    if POLICIES[policy].only_new_rows:
         snap["<old embedding rows>"] = embedding[:n_old].detach().clone()
     return snap
 

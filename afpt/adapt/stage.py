@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if a.init not in INITIALIZERS:
         raise AfptError(f"adapt.init={a.init!r} is unknown; expected one of {INITIALIZERS}")
     if a.policy not in POLICIES:
-        raise AfptError(f"adapt.policy={a.policy!r} is unknown; expected one of {POLICIES}")
+        raise AfptError(f"adapt.policy={a.policy!r} is unknown; expected one of {tuple(POLICIES)}")
     if isinstance(a.token_budget, bool) or not isinstance(a.token_budget, (int, float)) or not a.token_budget >= 1:
         raise AfptError(f"adapt.token_budget must be a positive number of tokens, got {a.token_budget!r}")
     check_protocol(a)
