@@ -96,6 +96,62 @@ class ForgettingOptions:
             )
 
 
+class ResetLog:
+    """The resets' history, with the losses of the steps around each and its timing, filled without a host sync.
+
+    ``history`` holds one dict per reset (see ``ActiveForgetting``); device-side values (CUDA event timings, step
+    losses) become plain numbers as they reach the host (``settle``), all of them by the end of the fit.
+    """
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.last_loss: torch.Tensor | None = None
+        self.awaiting_loss_after = False
+        self.unsettled: list[dict[str, Any]] = []
+
+    def record(self, entry: dict[str, Any], pl_module: LightningModule) -> None:
+        """Add a reset's entry (the loss before it is the latest step's); log the reset count."""
+        self.history.append(entry)
+        self.unsettled.append(entry)
+        if self.last_loss is not None:
+            entry["loss_before"] = HostCopy(self.last_loss)
+            pl_module.log("forgetting/loss_before_reset", self.last_loss, on_step=True, on_epoch=False)
+        self.awaiting_loss_after = True
+        pl_module.log("forgetting/resets", torch.tensor(float(len(self.history))), on_step=True, on_epoch=False)
+
+    def step_end(self, loss: torch.Tensor | None, pl_module: LightningModule) -> None:
+        """Keep a step's loss; the first after a reset is that reset's ``loss_after``."""
+        self.last_loss = loss
+        if self.awaiting_loss_after and loss is not None:
+            self.awaiting_loss_after = False
+            self.history[-1]["loss_after"] = HostCopy(loss)
+            pl_module.log("forgetting/loss_after_reset", loss, on_step=True, on_epoch=False)
+        self.settle(wait=False)
+
+    def settle(self, wait: bool) -> None:
+        """Fill the device-side values that have reached the host; with ``wait``, wait for all of them."""
+        self.unsettled = settle(self.unsettled, wait)
+        last = self.history[-1] if self.history else None
+        if self.awaiting_loss_after and all(entry is not last for entry in self.unsettled):
+            self.unsettled.append(last)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history and the pending loss, as plain Python values."""
+        self.settle(wait=True)
+        return {
+            "history": [dict(h) for h in self.history],
+            "awaiting_loss_after": self.awaiting_loss_after,
+            "last_loss": None if self.last_loss is None else float(self.last_loss),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self.awaiting_loss_after = bool(state_dict.get("awaiting_loss_after", False))
+        last_loss = state_dict.get("last_loss")
+        self.last_loss = None if last_loss is None else torch.tensor(last_loss)
+
+
 class ActiveForgetting(Callback):
     """Re-initialise the input token embeddings, and their optimizer state, every K optimizer steps.
 
@@ -165,18 +221,8 @@ class ActiveForgetting(Callback):
         mean_std_scope: str = "matrix",
     ) -> None:
         super().__init__()
-        options = ForgettingOptions(
-            every_n_steps,
-            init,
-            std,
-            head,
-            episode_warmup_fraction,
-            episode_decay,
-            stop_after_steps,
-            fraction,
-            row_probability,
-            mean_std_scope,
-        )
+        options = ForgettingOptions(every_n_steps, init, std, head, episode_warmup_fraction, episode_decay,
+                                    stop_after_steps, fraction, row_probability, mean_std_scope)  # fmt: skip
         self.every_n_steps, self.init, self.std, self.head = every_n_steps, init, std, head
         self.mean_std_scope, self.stop_after_steps = mean_std_scope, stop_after_steps
         self.fraction = float(fraction)
@@ -193,10 +239,12 @@ class ActiveForgetting(Callback):
             else None
         )
         self.episodes = EpisodeSaver() if save_before_reset else None
-        self.history: list[dict[str, Any]] = []
-        self._last_loss: torch.Tensor | None = None
-        self._awaiting_loss_after = False
-        self._unsettled: list[dict[str, Any]] = []
+        self.reset_log = ResetLog()
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per reset so far (``ResetLog``)."""
+        return self.reset_log.history
 
     # ----------------------------------------------------------------- resolution
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -254,53 +302,25 @@ class ActiveForgetting(Callback):
         duration_ms, host_ms = timer.stop()
         entry = {"step": step, "reset_index": reset_index, "rows": rows, "loss_before": None, "loss_after": None}
         entry.update(duration_ms=duration_ms, host_ms=host_ms, verify_ms=self.reset.verify(trainer, pl_module))
-        self.history.append(entry)
-        self._unsettled.append(entry)
-        if self._last_loss is not None:
-            entry["loss_before"] = HostCopy(self._last_loss)
-            pl_module.log("forgetting/loss_before_reset", self._last_loss, on_step=True, on_epoch=False)
-        self._awaiting_loss_after = True
-        pl_module.log("forgetting/resets", torch.tensor(float(len(self.history))), on_step=True, on_epoch=False)
+        self.reset_log.record(entry, pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Keep the latest loss and record the first loss after a reset, both without a host sync."""
-        self._last_loss = step_loss(outputs, trainer.accumulate_grad_batches)
-        if self._awaiting_loss_after and self._last_loss is not None:
-            self._awaiting_loss_after = False
-            self.history[-1]["loss_after"] = HostCopy(self._last_loss)
-            pl_module.log("forgetting/loss_after_reset", self._last_loss, on_step=True, on_epoch=False)
-        self.settle(wait=False)
+        self.reset_log.step_end(step_loss(outputs, trainer.accumulate_grad_batches), pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Turn every reset's timing and losses into plain numbers."""
-        self.settle(wait=True)
-
-    def settle(self, wait: bool) -> None:
-        """Fill the history's device-side values (GPU timing, losses) that have reached the host;
-        with ``wait``, wait for all of them."""
-        self._unsettled = settle(self._unsettled, wait)
-        last = self.history[-1] if self.history else None
-        if self._awaiting_loss_after and all(entry is not last for entry in self._unsettled):
-            self._unsettled.append(last)
+        self.reset_log.settle(wait=True)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """History and schedule state, as plain Python values (safe for ``weights_only`` loads)."""
-        self.settle(wait=True)
-        return {
-            "history": [dict(h) for h in self.history],
-            "peak_lr": self.episode_lr.peak_lr if self.episode_lr else None,
-            "awaiting_loss_after": self._awaiting_loss_after,
-            "last_loss": None if self._last_loss is None else float(self._last_loss),
-        }
+        return {**self.reset_log.state_dict(), "peak_lr": self.episode_lr.peak_lr if self.episode_lr else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the history so that a resumed run reports every reset once."""
-        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self.reset_log.load_state_dict(state_dict)
         if self.episode_lr:
             self.episode_lr.load_state_dict(state_dict)
-        self._awaiting_loss_after = bool(state_dict.get("awaiting_loss_after", False))
-        last_loss = state_dict.get("last_loss")
-        self._last_loss = None if last_loss is None else torch.tensor(last_loss)
