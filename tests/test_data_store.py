@@ -17,7 +17,7 @@ import afpt.data.store as store_module
 import afpt.pretrain.stage as pretrain
 from afpt.data import CorpusDataModule, DataError, train_tokenizer
 from afpt.data.blocks import mixture_weights
-from afpt.data.store import TokenStore, pack_ids
+from afpt.data.store import pack_ids
 
 WORLD = {"seed": 0, "num_people": 20, "train_docs_per_language": 60, "val_docs_per_language": 8}
 
@@ -79,20 +79,20 @@ def test_parallel_shards_give_the_same_blocks_as_one_process(tmp_path):
 
 def test_an_interrupted_preparation_resumes_at_its_first_missing_shard(tmp_path, monkeypatch):
     dm = datamodule(tmp_path, store={"num_proc": 1, "shard_docs": 10}, languages=["en"])
-    real_write, written = TokenStore._write_shard, []
+    real_write, written = store_module.write_shard, []
 
-    def dying(self, path, blocks):
+    def dying(path, blocks, dtype, block_size):
         if len(written) == 3:
             raise KeyboardInterrupt("killed")
         written.append(path.name)
-        real_write(self, path, blocks)
+        real_write(path, blocks, dtype, block_size)
 
-    monkeypatch.setattr(TokenStore, "_write_shard", dying)
+    monkeypatch.setattr(store_module, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
         dm.prepare_data()
     partial = dm.store.path(dm.train_parts[0]).with_name(dm.store.path(dm.train_parts[0]).name + ".partial")
     assert sorted(p.name for p in partial.glob("shard-*.arrow")) == written
-    monkeypatch.setattr(TokenStore, "_write_shard", real_write)
+    monkeypatch.setattr(store_module, "write_shard", real_write)
     calls = count_shards(monkeypatch)
     dm.prepare_data()
     assert calls[0] == 10 and sum(calls) == 60 - 30 + 8  # the three done shards are not tokenised again
@@ -102,6 +102,52 @@ def test_an_interrupted_preparation_resumes_at_its_first_missing_shard(tmp_path,
     fresh.prepare_data()
     resumed, whole = dm.store.load(dm.train_parts[0]), fresh.store.load(fresh.train_parts[0])
     assert torch.equal(resumed[:]["input_ids"], whole[:]["input_ids"])
+
+
+def files_datamodule(tmp_path: Path, corpus: Path, num_proc: int) -> CorpusDataModule:
+    """A data module over one local text file (90 + 10 held-out documents, 9 per shard), one tokenizer file."""
+    run = tmp_path / "run"
+    if not (run / "tokenizer").is_dir():
+        datamodule(tmp_path).tokenizer.save_pretrained(run / "tokenizer")
+    config = {"source": "files", "files": {"en": str(corpus)}, "validation_fraction": 0.1, "block_size": 32}
+    data = {**config, "batch_size": 4, "store": {"num_proc": num_proc, "shard_docs": 9}}
+    return CorpusDataModule(data, vocab_size=512, run_dir=str(run), store_dir=str(tmp_path / f"store{num_proc}"))
+
+
+def test_workers_read_and_write_their_own_shards_of_local_files(tmp_path, monkeypatch):
+    corpus = tmp_path / "en.txt"
+    corpus.write_text("".join(f"document {i} tells of the river and the {i % 7} boats.\n" for i in range(100)))
+    calls = count_shards(monkeypatch)  # counts what this process tokenises; forked workers count in their own copy
+    many = files_datamodule(tmp_path, corpus, num_proc=2)
+    many.prepare_data()
+    assert calls == []  # the main process tokenised nothing: the workers read their own shards
+    one = files_datamodule(tmp_path, corpus, num_proc=1)
+    one.prepare_data()
+    assert sum(calls) == 100  # every document once, in this process
+    for a, b in zip(one.train_parts + one.val_parts, many.train_parts + many.val_parts):
+        meta_a, meta_b = (json.loads((dm.store.path(p) / "meta.json").read_text()) for dm, p in ((one, a), (many, b)))
+        assert meta_a["shards"] == meta_b["shards"] and meta_a["blocks"] == meta_b["blocks"] > 0
+        assert torch.equal(one.store.load(a)[:]["input_ids"], many.store.load(b)[:]["input_ids"])
+    train_meta = json.loads((one.store.path(one.train_parts[0]) / "meta.json").read_text())
+    assert len(meta_a["shards"]) == 2 and len(train_meta["shards"]) == 10  # validation: 10 documents, train: 90
+
+
+def test_a_resume_drops_shards_written_after_a_missing_one(tmp_path):
+    corpus = tmp_path / "en.txt"
+    corpus.write_text("".join(f"document {i} tells of the river and the {i % 7} boats.\n" for i in range(100)))
+    whole = files_datamodule(tmp_path, corpus, num_proc=2)
+    whole.prepare_data()
+    part = whole.train_parts[0]
+    final = whole.store.path(part)
+    partial = final.with_name(final.name + ".partial")
+    partial.mkdir()
+    for shard in ("shard-000000.arrow", "shard-000002.arrow"):  # a worker finished shard 2 before shard 1 died
+        (partial / shard).write_bytes((final / shard).read_bytes())
+    expected = whole.store.load(part)[:]["input_ids"]
+    (final / "meta.json").unlink()
+    whole.prepare_data()
+    assert torch.equal(whole.store.load(part)[:]["input_ids"], expected)
+    assert json.loads((final / "meta.json").read_text())["docs"] == 90
 
 
 def test_two_runs_share_one_store_and_a_resume_reuses_it(tmp_path):

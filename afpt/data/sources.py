@@ -435,6 +435,8 @@ def _file_identity(paths: Sequence[str], key: str) -> list[tuple[str, int, int]]
 
 
 def _stream_texts(ds: datasets.Dataset, start: int) -> Iterator[str]:
+    if start >= len(ds):
+        return
     for batch in ds.select(range(start, len(ds))).iter(batch_size=1000):
         yield from batch["text"]
 
@@ -474,14 +476,24 @@ def _file_parts(cfg: Mapping[str, Any], languages: Sequence[str] | None, key: st
             val_key = f"{key}.validation_files[{lang}]"
             val_files, val_counts = checked(val_map[lang], val_key)
             documents = _file_documents(train_map[lang], train_key, text_field, max_dropped)
-            train.append(Part(lang, "train", identity, documents, records=counts))
+            train.append(Part(lang, "train", identity, documents, records=counts, random_access=True))
             documents = _file_documents(val_map[lang], val_key, text_field, max_dropped)
-            validation.append(Part(lang, "validation", {**identity, "files": val_files}, documents, records=val_counts))
+            validation.append(
+                Part(
+                    lang,
+                    "validation",
+                    {**identity, "files": val_files},
+                    documents,
+                    records=val_counts,
+                    random_access=True,
+                )
+            )
             continue
         identity = {**identity, "validation_fraction": fraction, "seed": seed}
         for split in SPLITS:
             docs = _file_documents(train_map[lang], train_key, text_field, max_dropped, split, fraction, seed)
-            (train if split == "train" else validation).append(Part(lang, split, identity, docs, records=counts))
+            part = Part(lang, split, identity, docs, records=counts, random_access=True)
+            (train if split == "train" else validation).append(part)
     return train, validation
 
 
@@ -494,17 +506,22 @@ def _file_documents(
     fraction: float = 0.0,
     seed: int = 0,
 ) -> Callable[[int], Iterator[str]]:
-    """``documents(start)`` of local files (memory-mapped by ``datasets``), optionally one side of a seeded split."""
+    """``documents(start)`` of local files (memory-mapped by ``datasets``), optionally one side of a seeded split;
+    read from any ``start`` at the same cost. The files are opened once per process (a store worker's first
+    shard opens them for the rest)."""
+    opened: list[datasets.Dataset] = []
 
     def documents(start: int) -> Iterator[str]:
-        ds = load_text_files(paths, key, text_field, max_dropped)
-        if split is not None:
-            if fraction <= 0 or len(ds) < 2:
-                ds = ds if split == "train" else ds.select([])
-            else:
-                halves = ds.train_test_split(test_size=max(1, int(len(ds) * fraction)), seed=seed)
-                ds = halves["train" if split == "train" else "test"]
-        return _stream_texts(ds, start)
+        if not opened:
+            ds = load_text_files(paths, key, text_field, max_dropped)
+            if split is not None:
+                if fraction <= 0 or len(ds) < 2:
+                    ds = ds if split == "train" else ds.select([])
+                else:
+                    halves = ds.train_test_split(test_size=max(1, int(len(ds) * fraction)), seed=seed)
+                    ds = halves["train" if split == "train" else "test"]
+            opened.append(ds)
+        return _stream_texts(opened[0], start)
 
     return documents
 

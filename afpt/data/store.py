@@ -2,7 +2,10 @@
 
 A part (one language's train or validation documents of one source) is cut into shards of
 ``shard_docs`` documents; worker processes tokenise and pack each shard into ``block_size`` blocks
-(uint16 where the vocabulary fits, else uint32), and the main process writes each as an Arrow file.
+(uint16 where the vocabulary fits, else uint32), each an Arrow file. Where a part's documents can be read
+from any index (local files), each worker reads its own shard and writes its own file, and the main process
+only hands out shard numbers and counts what comes back; otherwise (a stream) the main process reads the
+documents and writes the files.
 The store of a part is keyed by its content: the tokenizer file's hash, the source's identity and the
 block size. It is written under a temporary name, shard by shard (an interrupted preparation resumes
 at its first missing shard), renamed when complete, and memory-mapped by every rank and every later
@@ -52,6 +55,8 @@ class Part:
     """Stop once this many tokens are stored (whole blocks); None: every document."""
     records: dict[str, dict[str, int]] | None = None
     """Files only: {config key: {"records": read, "dropped": without text}} of the files behind this part."""
+    random_access: bool = False
+    """``documents(start)`` is as cheap at any ``start`` (memory-mapped files): workers read their own shards."""
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -99,6 +104,30 @@ def _tokenize_shard(texts: list[str]) -> tuple[int, np.ndarray, int, int]:
     docs = [e.ids for e in encodings]
     blocks = pack_ids(docs, _WORKER["eos"], _WORKER["block_size"], _WORKER["dtype"])
     return len(texts), blocks, sum(map(len, docs)) + len(docs), sum(len(t.encode("utf-8", "ignore")) for t in texts)
+
+
+def _prepare_shard(part_index: int, shard: int, shard_docs: int, path: str) -> tuple[int, int, int, int]:
+    """In a worker: read shard ``shard`` of part ``part_index`` itself, tokenise it and write it to ``path``;
+    (documents, blocks, tokens before packing, UTF-8 bytes of text). A shard past the end writes nothing."""
+    part = _WORKER["parts"][part_index]
+    texts = list(islice(part.documents(shard * shard_docs), shard_docs))
+    if not texts:
+        return 0, 0, 0, 0
+    n_docs, blocks, tokens, n_bytes = _tokenize_shard(texts)
+    write_shard(Path(path), blocks, _WORKER["dtype"], _WORKER["block_size"])
+    return n_docs, len(blocks), tokens, n_bytes
+
+
+def write_shard(path: Path, blocks: np.ndarray, dtype: np.dtype, block_size: int) -> None:
+    """One shard as an Arrow file, written under a temporary name and renamed."""
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value(dtype.name), length=block_size)})
+    flat = pa.array(np.ascontiguousarray(blocks, dtype=dtype).reshape(-1))
+    table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(flat, block_size)})
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = ArrowWriter(features=features, path=str(tmp))
+    writer.write_table(table)
+    writer.finalize()
+    os.replace(tmp, path)
 
 
 def check_store_options(num_proc: int | None, shard_docs: int) -> None:
@@ -174,12 +203,14 @@ class TokenStore:
             probe.unlink()
         except OSError as err:
             raise DataError(f"paths.store_dir={str(self.root)!r} is not writable: {err}") from err
+        _WORKER["parts"] = missing  # forked workers find a part's documents here (nothing is pickled)
         try:
             for part in missing:
                 with FileLock(str(self.path(part)) + ".lock"):
                     if not (self.path(part) / "meta.json").is_file():  # another process may have finished it
-                        self._build(part)
+                        self._build(part, missing.index(part))
         finally:
+            _WORKER.pop("parts", None)
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
                 self._pool = None
@@ -207,14 +238,18 @@ class TokenStore:
         blocks = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
         return blocks.with_format("torch", dtype=torch.long)
 
-    def _build(self, part: Part) -> None:
+    def _build(self, part: Part, part_index: int) -> None:
         """Tokenise one part into ``<path>.partial/`` shard by shard, then rename it complete."""
         final = self.path(part)
         partial = final.with_name(final.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)
-        done = sorted(partial.glob("shard-*.arrow"))
         for stale in partial.glob(".*"):  # a shard cut off mid-write
             stale.unlink()
+        done = []  # the unbroken run of shards from the first; workers may have written later ones out of order
+        while (partial / f"shard-{len(done):06d}.arrow").is_file():
+            done.append(partial / f"shard-{len(done):06d}.arrow")
+        for later in set(partial.glob("shard-*.arrow")) - set(done):
+            later.unlink()
         start_shard = len(done)
         stats = {"docs": start_shard * self.shard_docs, "tokens": 0, "blocks": 0, "bytes_in": 0}
         for shard in done:
@@ -222,17 +257,12 @@ class TokenStore:
         budget = None if part.max_tokens is None else -(-part.max_tokens // self.block_size)
         started = time.perf_counter()
         log.info("store: preparing %s/%s into %s (%d shards done before)", part.lang, part.split, final, start_shard)
-        texts = part.documents(start_shard * self.shard_docs)
-        shards = iter(lambda: list(islice(texts, self.shard_docs)), [])
         index = start_shard
-        for n_docs, blocks, tokens, n_bytes in self._tokenized(shards):
-            if budget is not None:
-                blocks = blocks[: max(0, budget - stats["blocks"])]
-            self._write_shard(partial / f"shard-{index:06d}.arrow", blocks)
+        for n_docs, n_blocks, tokens, n_bytes in self._shards(part, part_index, partial, start_shard, budget, stats):
             index += 1
             stats["docs"] += n_docs
             stats["tokens"] += tokens
-            stats["blocks"] += len(blocks)
+            stats["blocks"] += n_blocks
             stats["bytes_in"] += n_bytes
             elapsed = max(time.perf_counter() - started, 1e-9)
             log.info(
@@ -271,6 +301,50 @@ class TokenStore:
         log.info("store: %s/%s ready: %d blocks, %.1f MB at %s", part.lang, part.split, meta["blocks"],
                  meta["bytes"] / 1e6, final)  # fmt: skip
 
+    def _shards(
+        self, part: Part, part_index: int, partial: Path, start: int, budget: int | None, stats: dict[str, int]
+    ) -> Iterator[tuple[int, int, int, int]]:
+        """Write the part's shards from ``start`` on into ``partial``, in order; (documents, blocks, tokens, bytes)
+        of each. Workers read and write their own shards where the part allows it; otherwise this process
+        reads the documents and writes what the workers tokenised (cut at the token ``budget``)."""
+        parallel = part.random_access and budget is None and self.num_proc > 1 and "fork" in get_all_start_methods()
+        if parallel and next(iter(part.documents((start + 1) * self.shard_docs)), None) is not None:
+            yield from self._worker_shards(part_index, partial, start)
+            return
+        texts = part.documents(start * self.shard_docs)
+        shards = iter(lambda: list(islice(texts, self.shard_docs)), [])
+        for index, (n_docs, blocks, tokens, n_bytes) in enumerate(self._tokenized(shards), start):
+            if budget is not None:
+                blocks = blocks[: max(0, budget - stats["blocks"])]
+            write_shard(partial / f"shard-{index:06d}.arrow", blocks, self.dtype, self.block_size)
+            yield n_docs, len(blocks), tokens, n_bytes
+
+    def _worker_shards(self, part_index: int, partial: Path, start: int) -> Iterator[tuple[int, int, int, int]]:
+        """Shard numbers handed to the workers (2 x num_proc ahead), results taken in order until a shard comes
+        back short: the part's end (shards handed out past it write nothing)."""
+        pool = self._worker_pool()
+        pending: deque = deque()
+        shard, ended = start, False
+        while not ended or pending:
+            while not ended and len(pending) < 2 * self.num_proc:
+                path = str(partial / f"shard-{shard:06d}.arrow")
+                pending.append(pool.submit(_prepare_shard, part_index, shard, self.shard_docs, path))
+                shard += 1
+            result = pending.popleft().result()
+            if result[0]:
+                yield result
+            ended = ended or result[0] < self.shard_docs
+
+    def _worker_pool(self) -> ProcessPoolExecutor:
+        """The preparation's worker processes (started once), each with the tokenizer loaded."""
+        if self._pool is None:
+            worker_args = (self.tokenizer.backend_tokenizer.to_str(), self.tokenizer.eos_token_id, self.block_size)
+            context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+            self._pool = ProcessPoolExecutor(
+                self.num_proc, context, _init_worker, (*worker_args, self.dtype.name, False)
+            )
+        return self._pool
+
     def _tokenized(self, shards: Iterator[list[str]]) -> Iterator[tuple[int, np.ndarray, int, int]]:
         """``_tokenize_shard`` of each non-empty shard, in order.
 
@@ -287,28 +361,11 @@ class TokenStore:
             for texts in chain([first], [] if second is None else chain([second], shards)):
                 yield _tokenize_shard(texts)
             return
-        if self._pool is None:
-            context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-            self._pool = ProcessPoolExecutor(
-                self.num_proc, context, _init_worker, (*worker_args, self.dtype.name, False)
-            )
+        pool = self._worker_pool()
         pending: deque = deque()
         for texts in chain([first, second], shards):
-            pending.append(self._pool.submit(_tokenize_shard, texts))
+            pending.append(pool.submit(_tokenize_shard, texts))
             if len(pending) >= 2 * self.num_proc:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-    def _write_shard(self, path: Path, blocks: np.ndarray) -> None:
-        """One shard as an Arrow file, written under a temporary name and renamed."""
-        features = datasets.Features(
-            {"input_ids": datasets.Sequence(datasets.Value(self.dtype.name), length=self.block_size)}
-        )
-        flat = pa.array(np.ascontiguousarray(blocks).reshape(-1))
-        table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(flat, self.block_size)})
-        tmp = path.with_name(f".{path.name}.tmp")
-        writer = ArrowWriter(features=features, path=str(tmp))
-        writer.write_table(table)
-        writer.finalize()
-        os.replace(tmp, path)
