@@ -1,0 +1,246 @@
+"""afpt against public trainers' training steps, on the same Llama widths, in one process.
+
+For each ``--models`` entry (afpt's model group: ``llama_124m``, ``llama_350m``, ...) and each ``--peers``
+entry, trains ``--steps`` measured steps after ``--warmup`` steps at batch ``--batch`` x ``--seq`` tokens,
+bf16, fused AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), gradient clipping at 1.0, and prints tokens/s
+and MFU counted one way for every row (6 x matmul parameters, a tied head included, + 12 x layers x hidden x
+seq per token, over afpt's dense-bf16 peak table):
+
+- ``afpt``: ``afpt stage=pretrain`` with its defaults (forgetting on), through ``throughput.run_variant``;
+  real data from the embedded world through afpt's loader.
+- ``torchtitan``: torchtitan's ``Llama3Model`` at afpt's widths (tied head as afpt's, RoPE theta as afpt's,
+  no Llama-3 RoPE scaling), set up as torchtitan's own single-GPU trainer does: every ``TransformerBlock``
+  compiled by ``torchtitan.distributed.compile.apply_compile``, its loss (``cross_entropy_loss``) compiled,
+  ``torch.autocast`` bf16, per-step attention masks from positions (torchtitan's language models offer only
+  FlexAttention or varlen; one document per row, so the mask is plainly causal). Random tokens, resident
+  on the device.
+- ``hf``: transformers' ``LlamaForCausalLM`` from the same config, ``torch.compile``, autocast bf16, the
+  model's own loss. Random tokens, resident on the device.
+
+The peers' versions are recorded with the rows (``--out``/peers.json). ``--device cpu --no-compile`` runs the
+same code on a CPU at a tiny size (a smoke run; no MFU there).
+
+    python benchmarks/peers.py --models llama_124m llama_350m --steps 60 --batch 64
+    python benchmarks/peers.py --models tiny --peers hf torchtitan --steps 2 --warmup 1 --batch 2 --seq 64 \\
+        --device cpu --no-compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from record import print_table, write_record
+from throughput import VOCAB, run_variant
+
+from afpt.app.stages import to_dict
+from afpt.models import ModelConfig
+from afpt.speed.throughput import peak_flops
+
+PEERS = ("afpt", "torchtitan", "hf")
+LR, BETAS, WEIGHT_DECAY, CLIP = 3e-3, (0.9, 0.95), 0.1, 1.0
+
+
+def widths(name: str) -> ModelConfig:
+    """afpt's model group entry ``name``, as the ModelConfig it builds."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="afpt.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={name}"])
+    return ModelConfig.from_mapping(to_dict(cfg.model))
+
+
+def flops_per_token(params: int, embedding: int, tied: bool, layers: int, hidden: int, seq: int) -> float:
+    """6 x matmul parameters (every parameter but the embedding lookup, a tied head counted as its own matmul)
+    + 12 x layers x hidden x seq: afpt's count (``afpt.speed.throughput.flops_per_token``) from plain numbers."""
+    return 6 * (params - embedding + (embedding if tied else 0)) + 12 * layers * hidden * seq
+
+
+def optimizer_for(model: torch.nn.Module, device: torch.device) -> tuple[torch.optim.Optimizer, Callable[[], None]]:
+    """Fused AdamW (on CUDA) with weight decay on matrices, and a warmup schedule; (optimizer, step function)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+
+    def step() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return optimizer, step
+
+
+def timed(
+    train_step: Callable[[int], torch.Tensor], warmup: int, steps: int, device: torch.device
+) -> tuple[float, float]:
+    """(seconds for ``steps`` steps after ``warmup`` steps, the last loss)."""
+    for i in range(warmup):
+        train_step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = train_step(warmup + i)
+    last = float(loss)  # waits for the device
+    return time.perf_counter() - start, last
+
+
+def random_batches(vocab: int, batch: int, seq: int, device: torch.device, n: int = 4) -> list[torch.Tensor]:
+    """``n`` batches of random token ids (``seq`` + 1 per row), resident on the device."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(vocab, (batch, seq + 1), generator=generator).to(device) for _ in range(n)]
+
+
+def run_torchtitan(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, steps: int, device, compiled):
+    """torchtitan's Llama3Model at ``cfg``'s widths, trained as torchtitan's single-device trainer trains it."""
+    from torchtitan.components.loss import cross_entropy_loss
+    from torchtitan.config.configs import CompileConfig
+    from torchtitan.distributed.compile import apply_compile
+    from torchtitan.distributed.parallel_dims import ParallelDims
+    from torchtitan.models import llama3
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+
+    hidden, heads, tied = cfg.hidden_size, cfg.num_heads, cfg.tie_word_embeddings
+    embedding_init = llama3._EMBEDDING_SKIP_INIT if tied else llama3._EMBEDDING_INIT
+    config = llama3.Llama3Model.Config(
+        dim=hidden,
+        vocab_size=vocab,
+        enable_weight_tying=tied,
+        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=hidden, param_init=embedding_init),
+        norm=RMSNorm.Config(normalized_shape=hidden, param_init=llama3._NORM_INIT),
+        lm_head=Linear.Config(in_features=hidden, out_features=vocab, param_init=llama3._output_linear_init(hidden)),
+        layers=llama3._build_llama3_layers(
+            n_layers=cfg.num_layers,
+            dim=hidden,
+            n_heads=heads,
+            n_kv_heads=cfg.num_kv_heads or heads,
+            hidden_dim=cfg.intermediate_size,
+            rope=ComplexRoPE.Config(dim=hidden // heads, max_seq_len=seq, theta=cfg.rope_theta, scaling="none"),
+            attn_backend="flex",
+        ),
+    )
+    with torch.device("meta"):
+        model = config.build()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    model.train()
+    loss_fn = cross_entropy_loss
+    if compiled:
+        dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, world_size=1)
+        apply_compile(model, compile_config=CompileConfig(enable=True), parallel_dims=dims)
+        loss_fn = torch.compile(cross_entropy_loss)
+    _, optimizer_step = optimizer_for(model, device)
+    batches = random_batches(vocab, batch, seq, device)
+    positions = torch.arange(seq, device=device).expand(batch, seq)  # one document per row
+
+    def train_step(i: int) -> torch.Tensor:
+        tokens = batches[i % len(batches)]
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(inputs, positions, model.get_attention_masks(positions))
+            loss = loss_fn(logits, labels) / labels.numel()
+        loss.backward()
+        optimizer_step()
+        return loss.detach()
+
+    seconds, last = timed(train_step, warmup, steps, device)
+    params = sum(p.numel() for p in model.parameters())
+    return seconds, last, params, model.tok_embeddings.weight.numel()
+
+
+def run_hf(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, steps: int, device, compiled):
+    """transformers' LlamaForCausalLM at ``cfg``'s widths, compiled whole, its own loss."""
+    from afpt.models import build_model
+
+    model = build_model(cfg, vocab, {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None}).to(device)
+    model.train()
+    forward = torch.compile(model) if compiled else model
+    _, optimizer_step = optimizer_for(model, device)
+    batches = random_batches(model.config.vocab_size, batch, seq, device)
+
+    def train_step(i: int) -> torch.Tensor:
+        tokens = batches[i % len(batches)]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = forward(input_ids=tokens[:, :-1], labels=tokens[:, :-1], use_cache=False).loss
+        loss.backward()
+        optimizer_step()
+        return loss.detach()
+
+    seconds, last = timed(train_step, warmup, steps, device)
+    params = sum(p.numel() for p in model.parameters())
+    return seconds, last, params, model.get_input_embeddings().weight.numel()
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of the stack and the peers."""
+    found = {}
+    for package in ("torch", "transformers", "lightning", "torchtitan", "afpt"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["llama_124m", "llama_350m"])
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=15, help="steps before timing (compilation, autotuning)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-compile", action="store_true", help="the peers eager (a CPU smoke run)")
+    parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows: list[dict] = []
+    for name in args.models:
+        cfg = widths(name)
+        vocab = VOCAB.get(name, 4096)
+        for peer in args.peers:
+            torch._dynamo.reset()
+            row = {"model": name, "peer": peer, **versions()}
+            try:
+                row.update(measure(peer, name, cfg, vocab, args, device))
+            except Exception as err:  # a peer that cannot run here is a row saying why; the others still run
+                row["error"] = f"{type(err).__name__}: {err}"
+            rows.append(row)
+            afpt = {r["model"]: r["tokens_per_s"] for r in rows if r["peer"] == "afpt" and r.get("tokens_per_s")}
+            for r in rows:
+                if r["model"] in afpt and r.get("tokens_per_s"):
+                    r["afpt_vs_this"] = afpt[r["model"]] / r["tokens_per_s"]
+            write_record(Path(args.out) / "peers.json", args, rows)
+    print_table(rows, ["model", "peer", "tokens_per_s", "mfu", "loss", "afpt_vs_this", "torchtitan", "transformers"])
+
+
+def measure(peer: str, name: str, cfg: ModelConfig, vocab: int, args: argparse.Namespace, device) -> dict:
+    """tokens/s, MFU and the last loss of one peer at one model."""
+    if peer == "afpt":
+        extra = [] if device.type == "cuda" else ["trainer=cpu", "data.num_workers=0", "data.pin_memory=false"]
+        steps = args.warmup + args.steps
+        row = run_variant(f"{name}+auto+bs{args.batch}", steps, args.batch, args.seq, max(steps, 2) // 2, extra)
+        return {"tokens_per_s": row["tokens_per_s"], "mfu": row["mfu"], "loss": row["val_loss"]}
+    run = run_torchtitan if peer == "torchtitan" else run_hf
+    seconds, loss, params, embedding = run(
+        cfg, vocab, args.batch, args.seq, args.warmup, args.steps, device, not args.no_compile
+    )
+    tokens_per_s = args.batch * args.seq * args.steps / seconds
+    flops = flops_per_token(params, embedding, cfg.tie_word_embeddings, cfg.num_layers, cfg.hidden_size, args.seq)
+    peak = peak_flops(device)
+    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak if peak else None, "loss": loss}
+
+
+if __name__ == "__main__":
+    main()
