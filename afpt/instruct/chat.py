@@ -77,12 +77,15 @@ def check_conversation(messages: Any, index: int) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def to_conversation(record: Mapping[str, Any], index: int, fmt: str) -> list[dict[str, str]]:
-    """One record in ``openorca`` (system_prompt, question, response) or ``messages`` format, as messages."""
-    if fmt == "messages":
-        if "messages" not in record:
-            raise DataError(f"record {index}: missing field 'messages'")
-        return check_conversation(record["messages"], index)
+def messages_conversation(record: Mapping[str, Any], index: int) -> list[dict[str, str]]:
+    """A ``messages`` record (a list of {role, content}), checked."""
+    if "messages" not in record:
+        raise DataError(f"record {index}: missing field 'messages'")
+    return check_conversation(record["messages"], index)
+
+
+def openorca_conversation(record: Mapping[str, Any], index: int) -> list[dict[str, str]]:
+    """An OpenOrca record (system_prompt, question, response) as messages."""
     for key in ("question", "response"):
         if not isinstance(record.get(key), str) or not record[key].strip():
             raise DataError(f"record {index}: missing or empty field {key!r} (OpenOrca format)")
@@ -92,6 +95,15 @@ def to_conversation(record: Mapping[str, Any], index: int, fmt: str) -> list[dic
         {"role": "user", "content": record["question"]},
         {"role": "assistant", "content": record["response"]},
     ]
+
+
+# instruct.format: how a record becomes a conversation.
+RECORD_FORMATS = {"openorca": openorca_conversation, "messages": messages_conversation}
+
+
+def to_conversation(record: Mapping[str, Any], index: int, fmt: str) -> list[dict[str, str]]:
+    """One record in the ``RECORD_FORMATS`` format ``fmt``, as messages."""
+    return RECORD_FORMATS[fmt](record, index)
 
 
 def world_conversations(world: World, heldout_fraction: float) -> tuple[list, list]:
@@ -111,7 +123,7 @@ def world_conversations(world: World, heldout_fraction: float) -> tuple[list, li
 def load_conversations(cfg: Mapping[str, Any]) -> list[list[dict[str, str]]]:
     """Conversations from local jsonl/parquet files or a hub dataset, through ``datasets``."""
     fmt = cfg["format"]
-    if fmt not in ("openorca", "messages"):
+    if fmt not in RECORD_FORMATS:
         raise DataError(f"instruct.format={fmt!r} is unknown; expected 'openorca' or 'messages'")
     if cfg.get("files"):
         paths = [p for ps in as_file_map(cfg["files"], "instruct.files").values() for p in ps]
