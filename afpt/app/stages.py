@@ -51,11 +51,6 @@ def to_dict(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
-def merged(base: DictConfig, override: DictConfig | None) -> dict[str, Any]:
-    """``base`` with a stage's own settings (e.g. ``adapt.optim`` over ``optim``) on top, as a plain dict."""
-    return to_dict(OmegaConf.merge(base, override or {}))
-
-
 def build_optim(cfg: DictConfig, over: DictConfig | None = None, where: str = "optim") -> OptimConfig:
     """The ``optim`` group's ``OptimConfig`` (its ``_target_``), with a stage's own settings ``over`` it (e.g.
     ``adapt.optim``; errors then name ``where``). Checked as it is built: before any data or model work."""
