@@ -149,6 +149,7 @@ def test_every_debug_config_runs_the_pretrain_stage_as_its_name_says(tmp_path, d
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_the_console_shows_each_line_once_without_known_noise_and_ends_with_a_summary(tmp_path):
     from helpers import TINY
 

@@ -210,6 +210,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch,
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "step2.ckpt"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     steps = [

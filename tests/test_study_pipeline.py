@@ -42,6 +42,7 @@ def _mtimes(study: Path) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime for p in study.glob("*/metrics.json")}
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     study = tmp_path / "study"
     cfg = compose_config(study, [*FAST_STUDY])

@@ -10,6 +10,7 @@ from helpers import TINY, run_afpt
 from afpt.study.summary import write_summary
 
 
+@pytest.mark.slow
 def test_multirun_jobs_do_not_collide_and_are_summarised(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_afpt(
