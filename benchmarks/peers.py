@@ -14,6 +14,8 @@ seq per token, over afpt's dense-bf16 peak table):
   ``torch.autocast`` bf16, per-step attention masks from positions (torchtitan's language models offer only
   FlexAttention or varlen; one document per row, so the mask is plainly causal). Random tokens, resident
   on the device.
+- ``litgpt``: litgpt's ``GPT`` at afpt's widths (Llama blocks, the head tied by assignment), set up as
+  ``litgpt pretrain`` does: its initialisation, compiled whole, autocast bf16, ``chunked_cross_entropy``. Random tokens.
 - ``hf``: transformers' ``LlamaForCausalLM`` from the same config, ``torch.compile``, autocast bf16, the
   model's own loss. Random tokens, resident on the device.
 
@@ -21,7 +23,7 @@ The peers' versions are recorded with the rows (``--out``/peers.json). ``--devic
 same code on a CPU at a tiny size (a smoke run; no MFU there).
 
     python benchmarks/peers.py --models llama_124m llama_350m --steps 60 --batch 64
-    python benchmarks/peers.py --models tiny --peers hf torchtitan --steps 2 --warmup 1 --batch 2 --seq 64 \\
+    python benchmarks/peers.py --models tiny --peers hf litgpt --steps 2 --warmup 1 --batch 2 --seq 64 \\
         --device cpu --no-compile
 """
 
@@ -44,7 +46,7 @@ from afpt.app.stages import to_dict
 from afpt.models import ModelConfig
 from afpt.speed.throughput import peak_flops
 
-PEERS = ("afpt", "torchtitan", "hf")
+PEERS = ("afpt", "torchtitan", "litgpt", "hf")
 LR, BETAS, WEIGHT_DECAY, CLIP = 3e-3, (0.9, 0.95), 0.1, 1.0
 
 
@@ -123,7 +125,7 @@ def run_torchtitan(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: i
             dim=hidden,
             n_heads=heads,
             n_kv_heads=cfg.num_kv_heads or heads,
-            hidden_dim=cfg.intermediate_size,
+            hidden_dim=cfg.intermediate_size or 4 * hidden,
             rope=ComplexRoPE.Config(dim=hidden // heads, max_seq_len=seq, theta=cfg.rope_theta, scaling="none"),
             attn_backend="flex",
         ),
@@ -181,10 +183,60 @@ def run_hf(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, step
     return seconds, last, params, model.get_input_embeddings().weight.numel()
 
 
+def run_litgpt(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, steps: int, device, compiled):
+    """litgpt's GPT at ``cfg``'s widths (a Llama: RMSNorm, SwiGLU, RoPE), trained as ``litgpt pretrain`` trains it:
+    its GPT-NeoX initialisation, the model compiled whole, autocast bf16 (its ``bf16-mixed``), its
+    ``chunked_cross_entropy`` outside the compiled model. litgpt has no tied-head option: the head is tied by assignment, as afpt's."""
+    from lightning import Fabric
+    from litgpt.config import Config
+    from litgpt.model import GPT
+    from litgpt.pretrain import initialize_weights
+    from litgpt.utils import chunked_cross_entropy
+
+    config = Config(
+        name=cfg.name,
+        block_size=seq,
+        vocab_size=vocab,
+        padded_vocab_size=vocab,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_embd=cfg.hidden_size,
+        n_query_groups=cfg.num_kv_heads or cfg.num_heads,
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
+        rope_base=int(cfg.rope_theta),
+    )
+    model = GPT(config).to(device)
+    initialize_weights(Fabric(accelerator=device.type, devices=1), model, config.n_layer, config.n_embd)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.train()
+    forward = torch.compile(model) if compiled else model
+    _, optimizer_step = optimizer_for(model, device)
+    batches = random_batches(vocab, batch, seq, device)
+
+    def train_step(i: int) -> torch.Tensor:
+        tokens = batches[i % len(batches)]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = forward(tokens[:, :-1])
+        loss = chunked_cross_entropy(logits, tokens[:, 1:])
+        loss.backward()
+        optimizer_step()
+        return loss.detach()
+
+    seconds, last = timed(train_step, warmup, steps, device)
+    params = sum(p.numel() for p in model.parameters())
+    return seconds, last, params, model.transformer.wte.weight.numel()
+
+
 def versions() -> dict[str, str]:
     """The installed versions of the stack and the peers."""
     found = {}
-    for package in ("torch", "transformers", "lightning", "torchtitan", "afpt"):
+    for package in ("torch", "transformers", "lightning", "torchtitan", "litgpt", "afpt"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -222,7 +274,9 @@ def main() -> None:
                 if r["model"] in afpt and r.get("tokens_per_s"):
                     r["afpt_vs_this"] = afpt[r["model"]] / r["tokens_per_s"]
             write_record(Path(args.out) / "peers.json", args, rows)
-    print_table(rows, ["model", "peer", "tokens_per_s", "mfu", "loss", "afpt_vs_this", "torchtitan", "transformers"])
+    print_table(
+        rows, ["model", "peer", "tokens_per_s", "mfu", "loss", "afpt_vs_this", "torchtitan", "litgpt", "transformers"]
+    )
 
 
 def measure(peer: str, name: str, cfg: ModelConfig, vocab: int, args: argparse.Namespace, device) -> dict:
@@ -232,7 +286,7 @@ def measure(peer: str, name: str, cfg: ModelConfig, vocab: int, args: argparse.N
         steps = args.warmup + args.steps
         row = run_variant(f"{name}+auto+bs{args.batch}", steps, args.batch, args.seq, max(steps, 2) // 2, extra)
         return {"tokens_per_s": row["tokens_per_s"], "mfu": row["mfu"], "loss": row["val_loss"]}
-    run = run_torchtitan if peer == "torchtitan" else run_hf
+    run = {"torchtitan": run_torchtitan, "litgpt": run_litgpt, "hf": run_hf}[peer]
     seconds, loss, params, embedding = run(
         cfg, vocab, args.batch, args.seq, args.warmup, args.steps, device, not args.no_compile
     )
