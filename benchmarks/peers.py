@@ -8,12 +8,11 @@ seq per token, over afpt's dense-bf16 peak table):
 
 - ``afpt``: ``afpt stage=pretrain`` with its defaults (forgetting on), through ``throughput.run_variant``;
   real data from the embedded world through afpt's loader.
-- ``torchtitan``: torchtitan's ``Llama3Model`` at afpt's widths (tied head as afpt's, RoPE theta as afpt's,
-  no Llama-3 RoPE scaling), set up as torchtitan's own single-GPU trainer does: every ``TransformerBlock``
-  compiled by ``torchtitan.distributed.compile.apply_compile``, its loss (``cross_entropy_loss``) compiled,
-  ``torch.autocast`` bf16, per-step attention masks from positions (torchtitan's language models offer only
-  FlexAttention or varlen; one document per row, so the mask is plainly causal). Random tokens, resident
-  on the device.
+- ``torchtitan`` (0.2.2, the last release that runs on a stable torch; 0.3.0 needs a nightly): its llama3
+  ``Transformer`` at afpt's widths (its MLP rule gives afpt's widths; the head tied as afpt's, RoPE theta as
+  afpt's, no Llama-3 RoPE scaling), set up as its single-GPU trainer does: every ``TransformerBlock`` compiled
+  by its ``apply_compile``, its loss (``cross_entropy_loss``) compiled, ``torch.autocast`` bf16, SDPA causal
+  attention. Random tokens, resident on the device.
 - ``litgpt``: litgpt's ``GPT`` at afpt's widths (Llama blocks, the head tied by assignment), set up as
   ``litgpt pretrain`` does: its initialisation, compiled whole, autocast bf16, ``chunked_cross_entropy``. Random tokens.
 - ``hf``: transformers' ``LlamaForCausalLM`` from the same config, ``torch.compile``, autocast bf16, the
@@ -103,54 +102,50 @@ def random_batches(vocab: int, batch: int, seq: int, device: torch.device, n: in
 
 
 def run_torchtitan(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, steps: int, device, compiled):
-    """torchtitan's Llama3Model at ``cfg``'s widths, trained as torchtitan's single-device trainer trains it."""
+    """torchtitan's llama3 ``Transformer`` at ``cfg``'s widths, trained as torchtitan's single-device trainer trains
+    it: every ``TransformerBlock`` compiled by its ``apply_compile``, its summed ``cross_entropy_loss`` compiled and
+    divided by the token count, ``torch.autocast`` bf16, SDPA causal attention. RoPE without Llama-3 scaling
+    (factor 1). torchtitan has no tied-head option: the head is tied by assignment before its initialisation."""
     from torchtitan.components.loss import cross_entropy_loss
-    from torchtitan.config.configs import CompileConfig
-    from torchtitan.distributed.compile import apply_compile
-    from torchtitan.distributed.parallel_dims import ParallelDims
-    from torchtitan.models import llama3
-    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.config.job_config import Compile
+    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+    from torchtitan.models.llama3.infra.parallelize import apply_compile
+    from torchtitan.models.llama3.model.args import RoPEScalingArgs
 
-    hidden, heads, tied = cfg.hidden_size, cfg.num_heads, cfg.tie_word_embeddings
-    embedding_init = llama3._EMBEDDING_SKIP_INIT if tied else llama3._EMBEDDING_INIT
-    config = llama3.Llama3Model.Config(
-        dim=hidden,
+    args = TransformerModelArgs(
+        dim=cfg.hidden_size,
+        n_layers=cfg.num_layers,
+        n_heads=cfg.num_heads,
+        n_kv_heads=cfg.num_kv_heads,
         vocab_size=vocab,
-        enable_weight_tying=tied,
-        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=hidden, param_init=embedding_init),
-        norm=RMSNorm.Config(normalized_shape=hidden, param_init=llama3._NORM_INIT),
-        lm_head=Linear.Config(in_features=hidden, out_features=vocab, param_init=llama3._output_linear_init(hidden)),
-        layers=llama3._build_llama3_layers(
-            n_layers=cfg.num_layers,
-            dim=hidden,
-            n_heads=heads,
-            n_kv_heads=cfg.num_kv_heads or heads,
-            hidden_dim=cfg.intermediate_size or 4 * hidden,
-            rope=ComplexRoPE.Config(dim=hidden // heads, max_seq_len=seq, theta=cfg.rope_theta, scaling="none"),
-            attn_backend="flex",
-        ),
+        rope_theta=cfg.rope_theta,
+        rope_scaling_args=RoPEScalingArgs(scaling_factor=1.0),
+        max_seq_len=seq,
+        attn_type="sdpa",
     )
     with torch.device("meta"):
-        model = config.build()
+        model = Transformer(args)
+    width = model.layers["0"].feed_forward.w1.out_features
+    if width != (cfg.intermediate_size or 4 * cfg.hidden_size):
+        raise ValueError(f"torchtitan's MLP width {width} differs from {cfg.name}'s {cfg.intermediate_size}")
+    if cfg.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
     model.train()
     loss_fn = cross_entropy_loss
     if compiled:
-        dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, world_size=1)
-        apply_compile(model, compile_config=CompileConfig(enable=True), parallel_dims=dims)
+        apply_compile(model, Compile(enable=True))
         loss_fn = torch.compile(cross_entropy_loss)
     _, optimizer_step = optimizer_for(model, device)
     batches = random_batches(vocab, batch, seq, device)
-    positions = torch.arange(seq, device=device).expand(batch, seq)  # one document per row
 
     def train_step(i: int) -> torch.Tensor:
         tokens = batches[i % len(batches)]
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(inputs, positions, model.get_attention_masks(positions))
-            loss = loss_fn(logits, labels) / labels.numel()
+            loss = loss_fn(model(inputs), labels) / labels.numel()
         loss.backward()
         optimizer_step()
         return loss.detach()
