@@ -29,6 +29,7 @@ same code on a CPU at a tiny size (a smoke run; no MFU there).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import os
 import time
@@ -105,7 +106,8 @@ def run_torchtitan(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: i
     """torchtitan's llama3 ``Transformer`` at ``cfg``'s widths, trained as torchtitan's single-device trainer trains
     it: every ``TransformerBlock`` compiled by its ``apply_compile``, its summed ``cross_entropy_loss`` compiled and
     divided by the token count, ``torch.autocast`` bf16, SDPA causal attention. RoPE without Llama-3 scaling
-    (factor 1). torchtitan has no tied-head option: the head is tied by assignment before its initialisation."""
+    (factor 1). torchtitan has no tied-head option: the head is tied by assignment before its initialisation
+    (whose last draw, the head's, is then the tied matrix's)."""
     from torchtitan.components.loss import cross_entropy_loss
     from torchtitan.config.job_config import Compile
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs
@@ -128,9 +130,9 @@ def run_torchtitan(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: i
     width = model.layers["0"].feed_forward.w1.out_features
     if width != (cfg.intermediate_size or 4 * cfg.hidden_size):
         raise ValueError(f"torchtitan's MLP width {width} differs from {cfg.name}'s {cfg.intermediate_size}")
-    if cfg.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
     model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # after to_empty, which gives every module its own tensor
+        model.output.weight = model.tok_embeddings.weight
     with torch.no_grad():
         model.init_weights(buffer_device=device)
     model.train()
@@ -258,11 +260,17 @@ def main() -> None:
         vocab = VOCAB.get(name, 4096)
         for peer in args.peers:
             torch._dynamo.reset()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
             row = {"model": name, "peer": peer, **versions()}
             try:
                 row.update(measure(peer, name, cfg, vocab, args, device))
             except Exception as err:  # a peer that cannot run here is a row saying why; the others still run
                 row["error"] = f"{type(err).__name__}: {err}"
+            if device.type == "cuda":
+                row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             rows.append(row)
             afpt = {r["model"]: r["tokens_per_s"] for r in rows if r["peer"] == "afpt" and r.get("tokens_per_s")}
             for r in rows:
@@ -270,7 +278,19 @@ def main() -> None:
                     r["afpt_vs_this"] = afpt[r["model"]] / r["tokens_per_s"]
             write_record(Path(args.out) / "peers.json", args, rows)
     print_table(
-        rows, ["model", "peer", "tokens_per_s", "mfu", "loss", "afpt_vs_this", "torchtitan", "litgpt", "transformers"]
+        rows,
+        [
+            "model",
+            "peer",
+            "tokens_per_s",
+            "mfu",
+            "loss",
+            "afpt_vs_this",
+            "peak_gb",
+            "torchtitan",
+            "litgpt",
+            "transformers",
+        ],
     )
 
 

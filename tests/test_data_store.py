@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import datasets
@@ -130,6 +131,28 @@ def test_workers_read_and_write_their_own_shards_of_local_files(tmp_path, monkey
         assert torch.equal(one.store.load(a)[:]["input_ids"], many.store.load(b)[:]["input_ids"])
     train_meta = json.loads((one.store.path(one.train_parts[0]) / "meta.json").read_text())
     assert len(meta_a["shards"]) == 2 and len(train_meta["shards"]) == 10  # validation: 10 documents, train: 90
+
+
+def test_every_part_s_shards_share_one_queue_of_worker_jobs(tmp_path, monkeypatch):
+    corpus = tmp_path / "en.txt"
+    corpus.write_text("".join(f"document {i} tells of the river and the {i % 7} boats.\n" for i in range(100)))
+    dm = files_datamodule(tmp_path, corpus, num_proc=2)
+    submitted, real_submit = [], ProcessPoolExecutor.submit
+
+    def submit(pool, fn, part_index, shard, *args):
+        parts = store_module._WORKER["parts"]
+        submitted.append((parts[part_index].split, shard, [(dm.store.path(p) / "meta.json").is_file() for p in parts]))
+        return real_submit(pool, fn, part_index, shard, *args)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", submit)
+    dm.prepare_data()
+    assert [(split, shard) for split, shard, _ in submitted] == [("train", i) for i in range(10)] + [
+        ("validation", 0),
+        ("validation", 1),
+    ]  # every shard once, none past a part's end
+    first_validation = next(committed for split, _, committed in submitted if split == "validation")
+    assert first_validation == [False, False]  # handed out while the train part's last shards were still in flight
+    assert all((dm.store.path(p) / "meta.json").is_file() for p in dm.train_parts + dm.val_parts)
 
 
 def test_a_resume_drops_shards_written_after_a_missing_one(tmp_path):

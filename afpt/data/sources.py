@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -475,9 +475,9 @@ def _file_parts(cfg: Mapping[str, Any], languages: Sequence[str] | None, key: st
         if lang in val_map:
             val_key = f"{key}.validation_files[{lang}]"
             val_files, val_counts = checked(val_map[lang], val_key)
-            documents = _file_documents(train_map[lang], train_key, text_field, max_dropped)
-            train.append(Part(lang, "train", identity, documents, records=counts, random_access=True))
-            documents = _file_documents(val_map[lang], val_key, text_field, max_dropped)
+            documents = FileDocuments(train_map[lang], train_key, text_field, max_dropped)
+            train.append(Part(lang, "train", identity, documents, records=counts, size=documents.count))
+            documents = FileDocuments(val_map[lang], val_key, text_field, max_dropped)
             validation.append(
                 Part(
                     lang,
@@ -485,45 +485,57 @@ def _file_parts(cfg: Mapping[str, Any], languages: Sequence[str] | None, key: st
                     {**identity, "files": val_files},
                     documents,
                     records=val_counts,
-                    random_access=True,
+                    size=documents.count,
                 )
             )
             continue
         identity = {**identity, "validation_fraction": fraction, "seed": seed}
         for split in SPLITS:
-            docs = _file_documents(train_map[lang], train_key, text_field, max_dropped, split, fraction, seed)
-            part = Part(lang, split, identity, docs, records=counts, random_access=True)
+            docs = FileDocuments(train_map[lang], train_key, text_field, max_dropped, split, fraction, seed)
+            part = Part(lang, split, identity, docs, records=counts, size=docs.count)
             (train if split == "train" else validation).append(part)
     return train, validation
 
 
-def _file_documents(
-    paths: list[str],
-    key: str,
-    text_field: str,
-    max_dropped: float,
-    split: str | None = None,
-    fraction: float = 0.0,
-    seed: int = 0,
-) -> Callable[[int], Iterator[str]]:
+class FileDocuments:
     """``documents(start)`` of local files (memory-mapped by ``datasets``), optionally one side of a seeded split;
-    read from any ``start`` at the same cost. The files are opened once per process (a store worker's first
-    shard opens them for the rest)."""
-    opened: list[datasets.Dataset] = []
+    read from any ``start`` at the same cost, and counted without reading (``count``). The files are opened once
+    per process (a store worker's first shard opens them for the rest, unless the main process did before
+    forking)."""
 
-    def documents(start: int) -> Iterator[str]:
-        if not opened:
-            ds = load_text_files(paths, key, text_field, max_dropped)
-            if split is not None:
-                if fraction <= 0 or len(ds) < 2:
-                    ds = ds if split == "train" else ds.select([])
+    def __init__(
+        self,
+        paths: list[str],
+        key: str,
+        text_field: str,
+        max_dropped: float,
+        split: str | None = None,
+        fraction: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.paths, self.key, self.text_field, self.max_dropped = paths, key, text_field, max_dropped
+        self.split, self.fraction, self.seed = split, fraction, seed
+        self._opened: datasets.Dataset | None = None
+
+    def _dataset(self) -> datasets.Dataset:
+        if self._opened is None:
+            ds = load_text_files(self.paths, self.key, self.text_field, self.max_dropped)
+            if self.split is not None:
+                if self.fraction <= 0 or len(ds) < 2:
+                    ds = ds if self.split == "train" else ds.select([])
                 else:
-                    halves = ds.train_test_split(test_size=max(1, int(len(ds) * fraction)), seed=seed)
-                    ds = halves["train" if split == "train" else "test"]
-            opened.append(ds)
-        return _stream_texts(opened[0], start)
+                    halves = ds.train_test_split(test_size=max(1, int(len(ds) * self.fraction)), seed=self.seed)
+                    ds = halves["train" if self.split == "train" else "test"]
+            self._opened = ds
+        return self._opened
 
-    return documents
+    def __call__(self, start: int) -> Iterator[str]:
+        """The documents from index ``start`` on."""
+        return _stream_texts(self._dataset(), start)
+
+    def count(self) -> int:
+        """How many documents there are."""
+        return len(self._dataset())
 
 
 def _hub_parts(cfg: Mapping[str, Any], languages: Sequence[str] | None) -> tuple[list[Part], list[Part]]:

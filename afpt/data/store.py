@@ -3,9 +3,9 @@
 A part (one language's train or validation documents of one source) is cut into shards of
 ``shard_docs`` documents; worker processes tokenise and pack each shard into ``block_size`` blocks
 (uint16 where the vocabulary fits, else uint32), each an Arrow file. Where a part's documents can be read
-from any index (local files), each worker reads its own shard and writes its own file, and the main process
-only hands out shard numbers and counts what comes back; otherwise (a stream) the main process reads the
-documents and writes the files.
+from any index and are counted up front (local files), each worker reads its own shard and writes its own
+file, and the main process only hands out shard numbers, every such part's in one queue, and counts what
+comes back; otherwise (a stream, a token budget) the main process reads the documents and writes the files.
 The store of a part is keyed by its content: the tokenizer file's hash, the source's identity and the
 block size. It is written under a temporary name, shard by shard (an interrupted preparation resumes
 at its first missing shard), renamed when complete, and memory-mapped by every rank and every later
@@ -23,7 +23,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from itertools import chain, islice
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -55,8 +56,26 @@ class Part:
     """Stop once this many tokens are stored (whole blocks); None: every document."""
     records: dict[str, dict[str, int]] | None = None
     """Files only: {config key: {"records": read, "dropped": without text}} of the files behind this part."""
-    random_access: bool = False
-    """``documents(start)`` is as cheap at any ``start`` (memory-mapped files): workers read their own shards."""
+    size: Callable[[], int] | None = None
+    """How many documents, where that is known without reading them and ``documents(start)`` is as cheap at any
+    ``start`` (memory-mapped files): workers then read and write their own shards."""
+
+
+@dataclass
+class _Progress:
+    """What one part's preparation has written so far."""
+
+    part: Part
+    partial: Path
+    start: int
+    """Shards written before this preparation began (a resume)."""
+    docs: int = 0
+    tokens: int = 0
+    blocks: int = 0
+    bytes_in: int = 0
+    shards: int = 0
+    remaining: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -205,10 +224,16 @@ class TokenStore:
             raise DataError(f"paths.store_dir={str(self.root)!r} is not writable: {err}") from err
         _WORKER["parts"] = missing  # forked workers find a part's documents here (nothing is pickled)
         try:
-            for part in missing:
-                with FileLock(str(self.path(part)) + ".lock"):
-                    if not (self.path(part) / "meta.json").is_file():  # another process may have finished it
-                        self._build(part, missing.index(part))
+            with ExitStack() as locks:
+                for part in sorted(missing, key=lambda p: str(self.path(p))):  # one order in every process
+                    locks.enter_context(FileLock(str(self.path(part)) + ".lock"))
+                todo = [i for i, p in enumerate(missing) if not (self.path(p) / "meta.json").is_file()]
+                shared = [i for i in todo if self._workers_read(missing[i])]  # others may have finished some
+                if shared:
+                    self._build_shared(shared)
+                for index in todo:
+                    if index not in shared:
+                        self._build(missing[index])
         finally:
             _WORKER.pop("parts", None)
             if self._pool is not None:
@@ -238,46 +263,100 @@ class TokenStore:
         blocks = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
         return blocks.with_format("torch", dtype=torch.long)
 
-    def _build(self, part: Part, part_index: int) -> None:
-        """Tokenise one part into ``<path>.partial/`` shard by shard, then rename it complete."""
+    def _workers_read(self, part: Part) -> bool:
+        """Whether workers read and write the part's shards themselves: a part of known size, read from any
+        index, with no token budget, and forked workers to do it."""
+        return (
+            part.size is not None
+            and part.max_tokens is None
+            and self.num_proc > 1
+            and "fork" in get_all_start_methods()
+        )
+
+    def _open(self, part: Part) -> _Progress:
+        """The part's ``<path>.partial/`` directory, its unbroken run of shards from the first kept (workers may
+        have written later ones out of order before an interruption) and counted."""
         final = self.path(part)
         partial = final.with_name(final.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)
         for stale in partial.glob(".*"):  # a shard cut off mid-write
             stale.unlink()
-        done = []  # the unbroken run of shards from the first; workers may have written later ones out of order
+        done = []
         while (partial / f"shard-{len(done):06d}.arrow").is_file():
             done.append(partial / f"shard-{len(done):06d}.arrow")
         for later in set(partial.glob("shard-*.arrow")) - set(done):
             later.unlink()
-        start_shard = len(done)
-        stats = {"docs": start_shard * self.shard_docs, "tokens": 0, "blocks": 0, "bytes_in": 0}
-        for shard in done:
-            stats["blocks"] += len(datasets.Dataset.from_file(str(shard)))
+        progress = _Progress(part, partial, len(done), docs=len(done) * self.shard_docs)
+        progress.blocks = sum(len(datasets.Dataset.from_file(str(shard))) for shard in done)
+        log.info("store: preparing %s/%s into %s (%d shards done before)", part.lang, part.split, final, len(done))
+        return progress
+
+    def _build(self, part: Part) -> None:
+        """Tokenise one part shard by shard, this process reading its documents, then commit it."""
+        progress = self._open(part)
         budget = None if part.max_tokens is None else -(-part.max_tokens // self.block_size)
-        started = time.perf_counter()
-        log.info("store: preparing %s/%s into %s (%d shards done before)", part.lang, part.split, final, start_shard)
-        index = start_shard
-        for n_docs, n_blocks, tokens, n_bytes in self._shards(part, part_index, partial, start_shard, budget, stats):
-            index += 1
-            stats["docs"] += n_docs
-            stats["tokens"] += tokens
-            stats["blocks"] += n_blocks
-            stats["bytes_in"] += n_bytes
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            log.info(
-                "store: %s/%s shard %d: %d docs, %d tokens in %d blocks, %.1f MB/s of text",
-                part.lang, part.split, index - 1, stats["docs"], stats["blocks"] * self.block_size,
-                stats["blocks"], stats["bytes_in"] / elapsed / 1e6,
-            )  # fmt: skip
-            if budget is not None and stats["blocks"] >= budget:
+        texts = part.documents(progress.start * self.shard_docs)
+        shards = iter(lambda: list(islice(texts, self.shard_docs)), [])
+        for index, (n_docs, blocks, tokens, n_bytes) in enumerate(self._tokenized(shards), progress.start):
+            if budget is not None:
+                blocks = blocks[: max(0, budget - progress.blocks)]
+            write_shard(progress.partial / f"shard-{index:06d}.arrow", blocks, self.dtype, self.block_size)
+            self._count(progress, (n_docs, len(blocks), tokens, n_bytes))
+            if budget is not None and progress.blocks >= budget:
                 break
+        self._commit(progress)
+
+    def _build_shared(self, indices: list[int]) -> None:
+        """Every missing shard of these parts (indices into ``_WORKER["parts"]``) through one queue of worker
+        jobs, 2 x num_proc in flight: a worker reads its shard's documents and writes its Arrow file, this
+        process counts what comes back, in order, and commits each part after its last shard, so no worker
+        waits for one part's last shard before the next part's begin."""
+        pool = self._worker_pool()
+        jobs: deque = deque()
+        progress = {}
+        for index in indices:
+            progress[index] = self._open(_WORKER["parts"][index])
+            shards = range(progress[index].start, -(-progress[index].part.size() // self.shard_docs))
+            progress[index].remaining = len(shards)
+            jobs.extend((index, shard) for shard in shards)
+            if not shards:
+                self._commit(progress[index])
+        pending: deque = deque()
+        while jobs or pending:
+            while jobs and len(pending) < 2 * self.num_proc:
+                index, shard = jobs.popleft()
+                path = str(progress[index].partial / f"shard-{shard:06d}.arrow")
+                pending.append((index, pool.submit(_prepare_shard, index, shard, self.shard_docs, path)))
+            index, future = pending.popleft()
+            self._count(progress[index], future.result())
+            progress[index].remaining -= 1
+            if progress[index].remaining == 0:
+                self._commit(progress[index])
+
+    def _count(self, progress: _Progress, shard: tuple[int, int, int, int]) -> None:
+        """Add one shard's (documents, blocks, tokens, bytes) to its part's progress, and log it."""
+        n_docs, n_blocks, tokens, n_bytes = shard
+        progress.docs += n_docs
+        progress.tokens += tokens
+        progress.blocks += n_blocks
+        progress.bytes_in += n_bytes
+        progress.shards += 1
+        elapsed = max(time.perf_counter() - progress.started, 1e-9)
+        log.info(
+            "store: %s/%s shard %d: %d docs, %d tokens in %d blocks, %.1f MB/s of text",
+            progress.part.lang, progress.part.split, progress.start + progress.shards - 1, progress.docs,
+            progress.blocks * self.block_size, progress.blocks, progress.bytes_in / elapsed / 1e6,
+        )  # fmt: skip
+
+    def _commit(self, progress: _Progress) -> None:
+        """Write the part's metadata and rename its directory complete."""
+        part, partial, final = progress.part, progress.partial, self.path(progress.part)
         names = sorted(p.name for p in partial.glob("shard-*.arrow"))
-        if stats["docs"] and not stats["blocks"]:
+        if progress.docs and not progress.blocks:
             shutil.rmtree(partial)
             raise DataError(
                 f"corpus {part.split}[{part.lang}] is too small for one block of data.block_size={self.block_size} "
-                f"tokens ({stats['tokens']} tokens in {stats['docs']} documents)"
+                f"tokens ({progress.tokens} tokens in {progress.docs} documents)"
             )
         meta = {
             "version": STORE_VERSION,
@@ -287,12 +366,12 @@ class TokenStore:
             "tokenizer_sha256": self.tokenizer_hash,
             "block_size": self.block_size,
             "dtype": self.dtype.name,
-            "blocks": stats["blocks"],
-            "tokens": stats["blocks"] * self.block_size,
-            "docs": stats["docs"],
+            "blocks": progress.blocks,
+            "tokens": progress.blocks * self.block_size,
+            "docs": progress.docs,
             "shards": names,
             "bytes": sum((partial / n).stat().st_size for n in names),
-            "prepare_s": round(time.perf_counter() - started, 3),
+            "prepare_s": round(time.perf_counter() - progress.started, 3),
         }
         (partial / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         if final.exists():
@@ -300,40 +379,6 @@ class TokenStore:
         os.replace(partial, final)
         log.info("store: %s/%s ready: %d blocks, %.1f MB at %s", part.lang, part.split, meta["blocks"],
                  meta["bytes"] / 1e6, final)  # fmt: skip
-
-    def _shards(
-        self, part: Part, part_index: int, partial: Path, start: int, budget: int | None, stats: dict[str, int]
-    ) -> Iterator[tuple[int, int, int, int]]:
-        """Write the part's shards from ``start`` on into ``partial``, in order; (documents, blocks, tokens, bytes)
-        of each. Workers read and write their own shards where the part allows it; otherwise this process
-        reads the documents and writes what the workers tokenised (cut at the token ``budget``)."""
-        parallel = part.random_access and budget is None and self.num_proc > 1 and "fork" in get_all_start_methods()
-        if parallel and next(iter(part.documents((start + 1) * self.shard_docs)), None) is not None:
-            yield from self._worker_shards(part_index, partial, start)
-            return
-        texts = part.documents(start * self.shard_docs)
-        shards = iter(lambda: list(islice(texts, self.shard_docs)), [])
-        for index, (n_docs, blocks, tokens, n_bytes) in enumerate(self._tokenized(shards), start):
-            if budget is not None:
-                blocks = blocks[: max(0, budget - stats["blocks"])]
-            write_shard(partial / f"shard-{index:06d}.arrow", blocks, self.dtype, self.block_size)
-            yield n_docs, len(blocks), tokens, n_bytes
-
-    def _worker_shards(self, part_index: int, partial: Path, start: int) -> Iterator[tuple[int, int, int, int]]:
-        """Shard numbers handed to the workers (2 x num_proc ahead), results taken in order until a shard comes
-        back short: the part's end (shards handed out past it write nothing)."""
-        pool = self._worker_pool()
-        pending: deque = deque()
-        shard, ended = start, False
-        while not ended or pending:
-            while not ended and len(pending) < 2 * self.num_proc:
-                path = str(partial / f"shard-{shard:06d}.arrow")
-                pending.append(pool.submit(_prepare_shard, part_index, shard, self.shard_docs, path))
-                shard += 1
-            result = pending.popleft().result()
-            if result[0]:
-                yield result
-            ended = ended or result[0] < self.shard_docs
 
     def _worker_pool(self) -> ProcessPoolExecutor:
         """The preparation's worker processes (started once), each with the tokenizer loaded."""
