@@ -21,6 +21,9 @@ seq per token, over afpt's dense-bf16 peak table):
 The peers' versions are recorded with the rows (``--out``/peers.json). ``--device cpu --no-compile`` runs the
 same code on a CPU at a tiny size (a smoke run; no MFU there).
 
+``--profile`` splits 10 more steps' GPU time of every row by kernel category (afpt's ``KernelBreakdown``
+categories), to see where a difference goes.
+
     python benchmarks/peers.py --models llama_124m llama_350m --steps 60 --batch 64
     python benchmarks/peers.py --models tiny --peers hf litgpt --steps 2 --warmup 1 --batch 2 --seq 64 \\
         --device cpu --no-compile
@@ -44,9 +47,13 @@ from throughput import VOCAB, run_variant
 
 from afpt.app.stages import to_dict
 from afpt.models import ModelConfig
-from afpt.speed.throughput import peak_flops
+from afpt.speed.throughput import kernel_times, peak_flops
 
 PEERS = ("afpt", "torchtitan", "litgpt", "hf")
+PROFILE_STEPS = 10
+PROFILE_COLUMNS = ("matmul", "attention", "loss (softmax / cross-entropy)", "optimizer + grad clip", "other")
+Built = tuple[Callable[[int], torch.Tensor], int, int]
+"""A peer's training step (step index -> loss), its parameter count and its embedding's element count."""
 LR, BETAS, WEIGHT_DECAY, CLIP = 3e-3, (0.9, 0.95), 0.1, 1.0
 
 
@@ -96,13 +103,37 @@ def timed(
     return time.perf_counter() - start, last
 
 
+def profiled(train_step: Callable[[int], torch.Tensor], first: int, steps: int, device: torch.device) -> dict:
+    """GPU time of ``steps`` more steps split by kernel category as ``afpt.speed.throughput.KernelBreakdown`` splits
+    afpt's: per step, the wall time, the busy time (union of kernels), each category and the top kernels."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = train_step(first + i)
+        float(loss)
+        wall_ms = 1000 * (time.perf_counter() - start)
+    categories, kernels, busy = kernel_times(profiler, device.type == "cuda", wall_ms)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall_ms / steps,
+        "busy_ms_per_step": busy / steps,
+        "kernel_ms_per_step": {k: v / steps for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms_per_step": {name[:160]: ms / steps for name, ms in top},
+    }
+
+
 def random_batches(vocab: int, batch: int, seq: int, device: torch.device, n: int = 4) -> list[torch.Tensor]:
     """``n`` batches of random token ids (``seq`` + 1 per row), resident on the device."""
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(vocab, (batch, seq + 1), generator=generator).to(device) for _ in range(n)]
 
 
-def run_torchtitan(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, steps: int, device, compiled):
+def build_torchtitan(cfg: ModelConfig, vocab: int, batch: int, seq: int, device, compiled: bool) -> Built:
     """torchtitan's llama3 ``Transformer`` at ``cfg``'s widths, trained as torchtitan's single-device trainer trains
     it: every ``TransformerBlock`` compiled by its ``apply_compile``, its summed ``cross_entropy_loss`` compiled and
     divided by the token count, ``torch.autocast`` bf16, SDPA causal attention. RoPE without Llama-3 scaling
@@ -152,12 +183,10 @@ def run_torchtitan(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: i
         optimizer_step()
         return loss.detach()
 
-    seconds, last = timed(train_step, warmup, steps, device)
-    params = sum(p.numel() for p in model.parameters())
-    return seconds, last, params, model.tok_embeddings.weight.numel()
+    return train_step, sum(p.numel() for p in model.parameters()), model.tok_embeddings.weight.numel()
 
 
-def run_hf(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, steps: int, device, compiled):
+def build_hf(cfg: ModelConfig, vocab: int, batch: int, seq: int, device, compiled: bool) -> Built:
     """transformers' LlamaForCausalLM at ``cfg``'s widths, compiled whole, its own loss."""
     from afpt.models import build_model
 
@@ -175,12 +204,10 @@ def run_hf(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, step
         optimizer_step()
         return loss.detach()
 
-    seconds, last = timed(train_step, warmup, steps, device)
-    params = sum(p.numel() for p in model.parameters())
-    return seconds, last, params, model.get_input_embeddings().weight.numel()
+    return train_step, sum(p.numel() for p in model.parameters()), model.get_input_embeddings().weight.numel()
 
 
-def run_litgpt(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, steps: int, device, compiled):
+def build_litgpt(cfg: ModelConfig, vocab: int, batch: int, seq: int, device, compiled: bool) -> Built:
     """litgpt's GPT at ``cfg``'s widths (a Llama: RMSNorm, SwiGLU, RoPE), trained as ``litgpt pretrain`` trains it:
     its GPT-NeoX initialisation, the model compiled whole, autocast bf16 (its ``bf16-mixed``), its
     ``chunked_cross_entropy`` outside the compiled model. litgpt has no tied-head option: the head is tied by assignment, as afpt's."""
@@ -225,9 +252,7 @@ def run_litgpt(cfg: ModelConfig, vocab: int, batch: int, seq: int, warmup: int, 
         optimizer_step()
         return loss.detach()
 
-    seconds, last = timed(train_step, warmup, steps, device)
-    params = sum(p.numel() for p in model.parameters())
-    return seconds, last, params, model.transformer.wte.weight.numel()
+    return train_step, sum(p.numel() for p in model.parameters()), model.transformer.wte.weight.numel()
 
 
 def versions() -> dict[str, str]:
@@ -251,6 +276,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-compile", action="store_true", help="the peers eager (a CPU smoke run)")
+    parser.add_argument(
+        "--profile", action="store_true", help=f"split {PROFILE_STEPS} more steps' GPU time by kernel category"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -292,23 +320,32 @@ def main() -> None:
             "transformers",
         ],
     )
+    if args.profile:
+        profiles = [{**r, **r["profile"], **r["profile"]["kernel_ms_per_step"]} for r in rows if "profile" in r]
+        print_table(profiles, ["model", "peer", "wall_ms_per_step", "busy_ms_per_step", *PROFILE_COLUMNS])
 
 
 def measure(peer: str, name: str, cfg: ModelConfig, vocab: int, args: argparse.Namespace, device) -> dict:
-    """tokens/s, MFU and the last loss of one peer at one model."""
+    """tokens/s, MFU and the last loss of one peer at one model; with ``--profile``, the GPU time of
+    PROFILE_STEPS more steps by kernel category."""
     if peer == "afpt":
         extra = [] if device.type == "cuda" else ["trainer=cpu", "data.num_workers=0", "data.pin_memory=false"]
         steps = args.warmup + args.steps
-        row = run_variant(f"{name}+auto+bs{args.batch}", steps, args.batch, args.seq, max(steps, 2) // 2, extra)
-        return {"tokens_per_s": row["tokens_per_s"], "mfu": row["mfu"], "loss": row["val_loss"]}
-    run = {"torchtitan": run_torchtitan, "litgpt": run_litgpt, "hf": run_hf}[peer]
-    seconds, loss, params, embedding = run(
-        cfg, vocab, args.batch, args.seq, args.warmup, args.steps, device, not args.no_compile
-    )
+        row = run_variant(
+            f"{name}+auto+bs{args.batch}", steps, args.batch, args.seq, max(steps, 2) // 2, extra, args.profile
+        )
+        out = {"tokens_per_s": row["tokens_per_s"], "mfu": row["mfu"], "loss": row["val_loss"]}
+        return {**out, "profile": row["profile"]} if args.profile else out
+    build = {"torchtitan": build_torchtitan, "litgpt": build_litgpt, "hf": build_hf}[peer]
+    train_step, params, embedding = build(cfg, vocab, args.batch, args.seq, device, not args.no_compile)
+    seconds, loss = timed(train_step, args.warmup, args.steps, device)
     tokens_per_s = args.batch * args.seq * args.steps / seconds
     flops = flops_per_token(params, embedding, cfg.tie_word_embeddings, cfg.num_layers, cfg.hidden_size, args.seq)
     peak = peak_flops(device)
-    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak if peak else None, "loss": loss}
+    row = {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak if peak else None, "loss": loss}
+    if args.profile:
+        row["profile"] = profiled(train_step, args.warmup + args.steps, PROFILE_STEPS, device)
+    return row
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,26 @@ def test_stages_refuses_diagnostics_it_cannot_run(tmp_path, args, message):
     )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_peers_measures_afpt_and_each_peer_in_one_process_and_names_a_peer_that_cannot_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ""}  # the peers torchtitan and litgpt are not installed here
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "peers.py"), "--models", "tiny", "--peers", "afpt", "hf", "torchtitan"]
+        + ["--steps", "3", "--warmup", "1", "--batch", "2", "--seq", "64", "--device", "cpu", "--no-compile"]
+        + ["--profile", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "peers.json").read_text())
+    afpt, hf, titan = record["rows"]
+    assert afpt["peer"] == "afpt" and hf["peer"] == "hf" and titan["peer"] == "torchtitan"
+    assert afpt["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0 and hf["loss"] > 0
+    assert hf["afpt_vs_this"] == pytest.approx(afpt["tokens_per_s"] / hf["tokens_per_s"])
+    assert titan["error"].startswith("ModuleNotFoundError") and titan["torchtitan"] == "not installed"
+    assert hf["profile"]["kernel_ms_per_step"]["matmul"] > 0 and afpt["profile"]["wall_ms_per_step"] > 0
+    assert "| tiny | failed: \"ModuleNotFoundError" in result.stdout and "| tiny | hf |" in result.stdout

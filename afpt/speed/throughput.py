@@ -361,33 +361,40 @@ class KernelBreakdown(Callback):
         return sites
 
     def _categories(self, cuda: bool, wall_ms: float) -> tuple[dict[str, float], dict[str, float], float]:
-        """Milliseconds per category and per kernel name, and busy time: the union of kernel intervals
-        (streams overlap)."""
-        categories: dict[str, float] = {}
-        kernels: dict[str, float] = {}
-        if not cuda:  # operators' own CPU time; they do not overlap
-            for event in self._profiler.key_averages():
-                if event.self_cpu_time_total > 0:
-                    cat = kernel_category(event.key)
-                    categories[cat] = categories.get(cat, 0.0) + event.self_cpu_time_total / 1000
-                    kernels[event.key] = kernels.get(event.key, 0.0) + event.self_cpu_time_total / 1000
-            return categories, kernels, min(sum(categories.values()), wall_ms)
-        intervals = []
-        for event in self._profiler.events():
-            if event.device_type != torch.autograd.DeviceType.CUDA or event.is_user_annotation:
-                continue
-            start, end = event.time_range.start, event.time_range.end
-            if end > start:
-                cat = kernel_category(event.name)
-                categories[cat] = categories.get(cat, 0.0) + (end - start) / 1000
-                kernels[event.name] = kernels.get(event.name, 0.0) + (end - start) / 1000
-                intervals.append((start, end))
-        busy, reach = 0.0, float("-inf")
-        for start, end in sorted(intervals):
-            if end > reach:
-                busy += end - max(start, reach)
-                reach = end
-        return categories, kernels, busy / 1000
+        """``kernel_times`` of this callback's profile."""
+        return kernel_times(self._profiler, cuda, wall_ms)
+
+
+def kernel_times(
+    profiler: torch.profiler.profile, cuda: bool, wall_ms: float
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """Milliseconds per kernel category and per kernel name in a finished profile, and busy time: the union of
+    kernel intervals (streams overlap). Without CUDA, operators' own CPU time (they do not overlap)."""
+    categories: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    if not cuda:
+        for event in profiler.key_averages():
+            if event.self_cpu_time_total > 0:
+                cat = kernel_category(event.key)
+                categories[cat] = categories.get(cat, 0.0) + event.self_cpu_time_total / 1000
+                kernels[event.key] = kernels.get(event.key, 0.0) + event.self_cpu_time_total / 1000
+        return categories, kernels, min(sum(categories.values()), wall_ms)
+    intervals = []
+    for event in profiler.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.is_user_annotation:
+            continue
+        start, end = event.time_range.start, event.time_range.end
+        if end > start:
+            cat = kernel_category(event.name)
+            categories[cat] = categories.get(cat, 0.0) + (end - start) / 1000
+            kernels[event.name] = kernels.get(event.name, 0.0) + (end - start) / 1000
+            intervals.append((start, end))
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return categories, kernels, busy / 1000
 
 
 def throughput_summary(trainer: Trainer) -> dict[str, float]:
