@@ -325,6 +325,8 @@ class TokenStore:
         while jobs or pending:
             while jobs and len(pending) < 2 * self.num_proc:
                 index, shard = jobs.popleft()
+                if shard == progress[index].start:  # the part's clock starts with its first shard
+                    progress[index].started = time.perf_counter()
                 path = str(progress[index].partial / f"shard-{shard:06d}.arrow")
                 pending.append((index, pool.submit(_prepare_shard, index, shard, self.shard_docs, path)))
             index, future = pending.popleft()
