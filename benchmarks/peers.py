@@ -210,7 +210,8 @@ def build_hf(cfg: ModelConfig, vocab: int, batch: int, seq: int, device, compile
 def build_litgpt(cfg: ModelConfig, vocab: int, batch: int, seq: int, device, compiled: bool) -> Built:
     """litgpt's GPT at ``cfg``'s widths (a Llama: RMSNorm, SwiGLU, RoPE), trained as ``litgpt pretrain`` trains it:
     its GPT-NeoX initialisation, the model compiled whole, autocast bf16 (its ``bf16-mixed``), its
-    ``chunked_cross_entropy`` outside the compiled model. litgpt has no tied-head option: the head is tied by assignment, as afpt's."""
+    ``chunked_cross_entropy`` outside the compiled model. litgpt has no tied-head option: the head is tied by
+    assignment, as afpt's."""
     from lightning import Fabric
     from litgpt.config import Config
     from litgpt.model import GPT
