@@ -38,12 +38,18 @@ def with_profile(cfg, steps: int, run_dir: str):
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
-    """One Markdown row per measured row (its first column names it); a failed row shows its error."""
+    """One Markdown row per measured row (its first column names it); a failed row shows its error after its
+    leading text columns (what names it: model, peer, stage)."""
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
         if "error" in row:
-            print(f"| {row[cols[0]]} | failed: {row['error'][-300:]!r} |")
+            names = [str(row[cols[0]])]
+            for col in cols[1:]:
+                if not isinstance(row.get(col), str):
+                    break
+                names.append(row[col])
+            print(f"| {' | '.join(names)} | failed: {row['error'][-300:]!r} |")
             continue
         cells = [f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols]
         print("| " + " | ".join(cells) + " |")

@@ -141,4 +141,4 @@ def test_peers_measures_afpt_and_each_peer_in_one_process_and_names_a_peer_that_
     assert hf["afpt_vs_this"] == pytest.approx(afpt["tokens_per_s"] / hf["tokens_per_s"])
     assert titan["error"].startswith("ModuleNotFoundError") and titan["torchtitan"] == "not installed"
     assert hf["profile"]["kernel_ms_per_step"]["matmul"] > 0 and afpt["profile"]["wall_ms_per_step"] > 0
-    assert '| tiny | failed: "ModuleNotFoundError' in result.stdout and "| tiny | hf |" in result.stdout
+    assert '| tiny | torchtitan | failed: "ModuleNotFoundError' in result.stdout and "| tiny | hf |" in result.stdout
