@@ -115,9 +115,15 @@ def files_datamodule(tmp_path: Path, corpus: Path, num_proc: int) -> CorpusDataM
     return CorpusDataModule(data, vocab_size=512, run_dir=str(run), store_dir=str(tmp_path / f"store{num_proc}"))
 
 
-def test_workers_read_and_write_their_own_shards_of_local_files(tmp_path, monkeypatch):
+def one_file_corpus(tmp_path: Path) -> Path:
+    """A local text file of 100 one-line documents."""
     corpus = tmp_path / "en.txt"
     corpus.write_text("".join(f"document {i} tells of the river and the {i % 7} boats.\n" for i in range(100)))
+    return corpus
+
+
+def test_workers_read_and_write_their_own_shards_of_local_files(tmp_path, monkeypatch):
+    corpus = one_file_corpus(tmp_path)
     calls = count_shards(monkeypatch)  # counts what this process tokenises; forked workers count in their own copy
     many = files_datamodule(tmp_path, corpus, num_proc=2)
     many.prepare_data()
@@ -134,8 +140,7 @@ def test_workers_read_and_write_their_own_shards_of_local_files(tmp_path, monkey
 
 
 def test_every_part_s_shards_share_one_queue_of_worker_jobs(tmp_path, monkeypatch):
-    corpus = tmp_path / "en.txt"
-    corpus.write_text("".join(f"document {i} tells of the river and the {i % 7} boats.\n" for i in range(100)))
+    corpus = one_file_corpus(tmp_path)
     dm = files_datamodule(tmp_path, corpus, num_proc=2)
     submitted, real_submit = [], ProcessPoolExecutor.submit
 
@@ -156,8 +161,7 @@ def test_every_part_s_shards_share_one_queue_of_worker_jobs(tmp_path, monkeypatc
 
 
 def test_a_resume_drops_shards_written_after_a_missing_one(tmp_path):
-    corpus = tmp_path / "en.txt"
-    corpus.write_text("".join(f"document {i} tells of the river and the {i % 7} boats.\n" for i in range(100)))
+    corpus = one_file_corpus(tmp_path)
     whole = files_datamodule(tmp_path, corpus, num_proc=2)
     whole.prepare_data()
     part = whole.train_parts[0]

@@ -71,7 +71,8 @@ def load_corpus(
 ) -> Corpus:
     """The corpus a ``data`` config describes, for ``languages`` (default: the config's own), in memory.
 
-    For the small corpora of adaptation and evaluation: the documents of ``corpus_parts``, read whole. ``key`` names the config in errors.
+    For the small corpora of adaptation and evaluation: the documents of ``corpus_parts``, read whole. ``key``
+    names the config in errors.
     """
     train_parts, val_parts = corpus_parts(cfg, languages, key)
     corpus = Corpus(
@@ -500,8 +501,7 @@ def _file_parts(cfg: Mapping[str, Any], languages: Sequence[str] | None, key: st
 class FileDocuments:
     """``documents(start)`` of local files (memory-mapped by ``datasets``), optionally one side of a seeded split;
     read from any ``start`` at the same cost, and counted without reading (``count``). The files are opened once
-    per process (a store worker's first shard opens them for the rest, unless the main process did before
-    forking)."""
+    per process (the token store counts them before its workers fork, so the workers inherit them open)."""
 
     def __init__(
         self,

@@ -127,11 +127,9 @@ def _tokenize_shard(texts: list[str]) -> tuple[int, np.ndarray, int, int]:
 
 def _prepare_shard(part_index: int, shard: int, shard_docs: int, path: str) -> tuple[int, int, int, int]:
     """In a worker: read shard ``shard`` of part ``part_index`` itself, tokenise it and write it to ``path``;
-    (documents, blocks, tokens before packing, UTF-8 bytes of text). A shard past the end writes nothing."""
+    (documents, blocks, tokens before packing, UTF-8 bytes of text)."""
     part = _WORKER["parts"][part_index]
     texts = list(islice(part.documents(shard * shard_docs), shard_docs))
-    if not texts:
-        return 0, 0, 0, 0
     n_docs, blocks, tokens, n_bytes = _tokenize_shard(texts)
     write_shard(Path(path), blocks, _WORKER["dtype"], _WORKER["block_size"])
     return n_docs, len(blocks), tokens, n_bytes

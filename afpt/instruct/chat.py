@@ -124,7 +124,7 @@ def load_conversations(cfg: Mapping[str, Any]) -> list[list[dict[str, str]]]:
     """Conversations from local jsonl/parquet files or a hub dataset, through ``datasets``."""
     fmt = cfg["format"]
     if fmt not in RECORD_FORMATS:
-        raise DataError(f"instruct.format={fmt!r} is unknown; expected 'openorca' or 'messages'")
+        raise DataError(f"instruct.format={fmt!r} is unknown; expected one of {sorted(RECORD_FORMATS)}")
     if cfg.get("files"):
         paths = [p for ps in as_file_map(cfg["files"], "instruct.files").values() for p in ps]
         ds = load_records(paths, "instruct.files")
